@@ -1,0 +1,1629 @@
+#!/usr/bin/env python3
+"""snekbox: run untrusted Python code in an nsjail sandbox, over HTTP.
+
+A client POSTs code; snekbox runs it with the system's Python inside an nsjail jail
+(no network, read-only system files, a small private writable /home, limits on time,
+memory and processes) and answers with the output and the return code. One module,
+standard library only; the jail policy is the nsjail config ``snekbox.cfg``.
+
+Run the server (as root, with nsjail installed; see README.md)::
+
+    python3 snekbox.py [--host 127.0.0.1] [--port 8060] [--workers N] ...
+    python3 snekbox.py --help
+
+The HTTP API, compatible with python-discord/snekbox:
+
+``POST /eval`` with a JSON object:
+
+    input            code; runs as ``python3 -c <input>`` (appended to ``args``)
+    args             interpreter arguments, e.g. ["-m", "timeit", "1+1"] (default ["-c"]
+                     when ``input`` is given); at least one of input and args is required
+    stdin            text fed to the process's standard input (default: empty)
+    files            [{"path": "relative/path", "content": "<base64>"}] written to /home
+    executable_path  another interpreter inside the jail instead of the config's
+
+and answers 200 with::
+
+    {"stdout": "<stdout and stderr>", "returncode": 0, "files": [{"path", "size",
+     "content"}], "timed_out": false, "truncated": false, "duration": 0.02,
+     "error": null}
+
+``returncode`` is the exit status, 128+N after signal N (137: time or memory limit,
+139: segfault), or null when the jail could not start the process (``error`` says
+why). ``files`` holds the files the code created or changed in /home. Errors are
+``{"title": ..., "description": ...}`` with 400, 404, 405, 408, 411, 413, 415 or 503.
+
+``GET /health`` answers 200 with the service's state while it takes requests.
+
+As a library, without a server::
+
+    from snekbox import Sandbox
+    result = Sandbox().run(["-c", "print(1 + 1)"])
+    print(result.returncode, result.stdout)
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import collections
+import ctypes
+import errno
+import itertools
+import json
+import logging
+import os
+import posixpath
+import re
+import select
+import selectors
+import shutil
+import signal
+import socket
+import socketserver
+import stat
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable, Iterable, Iterator, Sequence
+
+__all__ = [
+    "Sandbox", "EvalResult", "File", "JailConfig", "InvalidRequest", "SandboxUnavailable",
+    "parse_eval_request", "EvalRequest", "main",
+]
+
+log = logging.getLogger("snekbox")
+nsjail_log = logging.getLogger("snekbox.nsjail")
+
+# --------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------
+
+MiB = 1024 * 1024
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "snekbox.cfg")
+DEFAULT_MEMFS_ROOT = "/run/snekbox"
+NSJAIL_PLACES = ("/usr/sbin/nsjail", "/usr/local/sbin/nsjail", "/usr/bin/nsjail",
+                 "/usr/local/bin/nsjail", "/sbin/nsjail", "/bin/nsjail")
+
+JAIL_UID = 65534             # the jailed process's user and group, inside and outside
+JAIL_HOME = "/home"          # where each evaluation's tmpfs appears in the jail
+JAIL_USER_BASE = "/snekbox/user-base"   # where --user-base appears (PYTHONUSERBASE)
+MAX_ARG_BYTES = 128 * 1024 - 1          # Linux's limit on one argument (MAX_ARG_STRLEN)
+MAX_ARGS_TOTAL = 1 * MiB                # what snekbox accepts for all arguments together
+MAX_ARGS_COUNT = 10_000
+MAX_FILE_DEPTH = 32                     # folders below /home that are looked into
+KILL_GRACE = 3.0             # seconds past the jail's time limit before nsjail is killed
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server is started with; see ``build_arg_parser`` for each."""
+
+    host: str = "127.0.0.1"
+    port: int = 8060
+    workers: int = len(os.sched_getaffinity(0))
+    max_queue: int = 0            # 0: 8 per worker
+    max_wait: float = 15.0
+    config: str = DEFAULT_CONFIG
+    nsjail: str | None = None
+    max_output_size: int = 1_000_000
+    max_request_size: int = 16 * MiB
+    memfs_size: int = 48 * MiB
+    files_limit: int = 100
+    files_timeout: float = 5.0
+    user_base: str | None = None
+    client_timeout: float = 10.0
+    max_connections: int = 256
+    log_level: str = "INFO"
+
+    @property
+    def queue_limit(self) -> int:
+        return self.max_queue or 8 * self.workers
+
+
+# --------------------------------------------------------------------------------------
+# Reading snekbox.cfg
+# --------------------------------------------------------------------------------------
+
+_TOKEN = re.compile(r"""
+    (?P<space>\s+|\#[^\n]*)
+  | (?P<string>"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*')
+  | (?P<word>[\w.+-]+)
+  | (?P<symbol>[{}<>\[\]:;,])
+""", re.VERBOSE)
+_ESCAPE = re.compile(r"\\(x[0-9a-fA-F]{1,2}|[0-7]{1,3}|.)")
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "a": "\a", "b": "\b", "f": "\f", "v": "\v"}
+
+
+def _unescape(literal: str) -> str:
+    def replace(match: re.Match) -> str:
+        code = match[1]
+        if code[0] == "x":
+            return chr(int(code[1:], 16))
+        if code[0].isdigit():
+            return chr(int(code, 8))
+        return _ESCAPES.get(code, code)
+    return _ESCAPE.sub(replace, literal[1:-1])
+
+
+def parse_textproto(text: str) -> dict[str, list]:
+    """Parse protobuf text format into ``{field: [values]}``, nested messages as dicts.
+
+    Scalars stay strings (quoted strings unescaped, other words as written); the caller
+    knows each field's type. Enough for nsjail configs; raises ValueError on bad syntax.
+    """
+    tokens: list[tuple[str, str, int]] = []
+    pos, line = 0, 1
+    while pos < len(text):
+        match = _TOKEN.match(text, pos)
+        if not match:
+            raise ValueError(f"line {line}: unexpected {text[pos]!r}")
+        kind = match.lastgroup
+        if kind != "space":
+            tokens.append((kind, match[0], line))
+        line += match[0].count("\n")
+        pos = match.end()
+    tokens.append(("end", "", line))
+
+    def message(i: int, closing: str) -> tuple[dict[str, list], int]:
+        fields: dict[str, list] = {}
+        while True:
+            kind, value, where = tokens[i]
+            if (kind == "symbol" and value == closing) or (kind == "end" and not closing):
+                return fields, i + 1
+            if kind != "word":
+                raise ValueError(f"line {where}: expected a field name, found {value!r}")
+            name, i = value, i + 1
+            if tokens[i][1] == ":":
+                i += 1
+            kind, value, where = tokens[i]
+            if value in ("{", "<"):
+                item, i = message(i + 1, "}" if value == "{" else ">")
+            elif kind == "string":
+                item = ""
+                while tokens[i][0] == "string":      # adjacent literals concatenate
+                    item += _unescape(tokens[i][1])
+                    i += 1
+            elif kind == "word":
+                item, i = value, i + 1
+            else:
+                raise ValueError(f"line {where}: expected a value for {name!r}")
+            fields.setdefault(name, []).append(item)
+            if tokens[i][1] in (";", ","):
+                i += 1
+
+    fields, _ = message(0, "")
+    return fields
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One ``mount`` entry of the config (only what snekbox needs to know)."""
+
+    src: str
+    dst: str
+    is_bind: bool
+    mandatory: bool
+
+
+@dataclass(frozen=True)
+class JailConfig:
+    """The values of an nsjail config that snekbox itself uses."""
+
+    path: str
+    time_limit: int
+    exec_path: str
+    exec_args: tuple[str, ...]
+    mounts: tuple[Mount, ...]
+    mem_max: int
+    mem_swap_max: int
+    mem_memsw_max: int
+    mem_mount: str
+    mem_parent: str
+    pids_max: int
+    pids_mount: str
+    pids_parent: str
+    cpu_ms_per_sec: int
+    cpu_mount: str
+    cpu_parent: str
+    cgroupv2_mount: str
+
+    @classmethod
+    def from_file(cls, path: str) -> JailConfig:
+        """Read the config at ``path``; OSError if unreadable, ValueError if invalid."""
+        with open(path, encoding="utf-8") as f:
+            fields = parse_textproto(f.read())
+
+        def scalar(name: str, default: str) -> str:
+            values = fields.get(name, [default])
+            if isinstance(values[-1], dict):
+                raise ValueError(f"{name} must be a value, not a message")
+            return values[-1]
+
+        def number(name: str, default: int) -> int:
+            try:
+                return int(scalar(name, str(default)), 0)
+            except ValueError:
+                raise ValueError(f"{name} must be a number") from None
+
+        def flag(entry: dict, name: str, default: bool) -> bool:
+            return entry.get(name, ["true" if default else "false"])[-1] == "true"
+
+        exec_bin = fields.get("exec_bin", [{}])[-1]
+        if not isinstance(exec_bin, dict) or not exec_bin.get("path"):
+            raise ValueError("exec_bin { path: ... } is required: the interpreter to run")
+        mounts = tuple(
+            Mount(src=m.get("src", [""])[-1], dst=m.get("dst", [""])[-1],
+                  is_bind=flag(m, "is_bind", False), mandatory=flag(m, "mandatory", True))
+            for m in fields.get("mount", []) if isinstance(m, dict)
+        )
+        return cls(
+            path=os.path.abspath(path),
+            time_limit=number("time_limit", 600),
+            exec_path=exec_bin["path"][-1],
+            exec_args=tuple(exec_bin.get("arg", [])),
+            mounts=mounts,
+            mem_max=number("cgroup_mem_max", 0),
+            mem_swap_max=number("cgroup_mem_swap_max", -1),
+            mem_memsw_max=number("cgroup_mem_memsw_max", 0),
+            mem_mount=scalar("cgroup_mem_mount", "/sys/fs/cgroup/memory"),
+            mem_parent=scalar("cgroup_mem_parent", "NSJAIL"),
+            pids_max=number("cgroup_pids_max", 0),
+            pids_mount=scalar("cgroup_pids_mount", "/sys/fs/cgroup/pids"),
+            pids_parent=scalar("cgroup_pids_parent", "NSJAIL"),
+            cpu_ms_per_sec=number("cgroup_cpu_ms_per_sec", 0),
+            cpu_mount=scalar("cgroup_cpu_mount", "/sys/fs/cgroup/cpu"),
+            cpu_parent=scalar("cgroup_cpu_parent", "NSJAIL"),
+            cgroupv2_mount=scalar("cgroupv2_mount", CGROUP_ROOT),
+        )
+
+    def host_path(self, jail_path: str) -> str | None:
+        """The host path behind ``jail_path`` through the config's bind mounts, if any."""
+        jail_path = posixpath.normpath(jail_path)
+        for mount in reversed(self.mounts):      # a later mount hides an earlier one
+            if not mount.is_bind:
+                continue
+            dst = posixpath.normpath(mount.dst)
+            if jail_path == dst or jail_path.startswith(dst.rstrip("/") + "/"):
+                return mount.src + jail_path[len(dst):]
+        return None
+
+    def missing_optional_mounts(self) -> list[str]:
+        """Sources of optional bind mounts that this host doesn't have."""
+        return [m.src for m in self.mounts
+                if m.is_bind and not m.mandatory and not os.path.exists(m.src)]
+
+
+# --------------------------------------------------------------------------------------
+# Cgroups
+# --------------------------------------------------------------------------------------
+
+class SetupError(Exception):
+    """The host can't run jails as configured; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class CgroupSetup:
+    """What ``prepare_cgroups`` found: the version and the nsjail flags it implies."""
+
+    version: int
+    swap_limited: bool
+    nsjail_args: tuple[str, ...]
+    parents: tuple[str, ...]          # where nsjail creates its NSJAIL.<pid> groups
+
+
+def cgroup_version(root: str = CGROUP_ROOT) -> int:
+    """2 when ``root`` is a unified (v2) hierarchy, else 1."""
+    return 2 if os.path.exists(os.path.join(root, "cgroup.controllers")) else 1
+
+
+def swap_enabled(swaps: str = "/proc/swaps") -> bool:
+    """Whether the host has any swap space on."""
+    try:
+        with open(swaps) as f:
+            return len(f.read().strip().splitlines()) > 1
+    except OSError:
+        return False
+
+
+def _read_words(path: str) -> list[str]:
+    with open(path) as f:
+        return f.read().split()
+
+
+def prepare_cgroups(cfg: JailConfig, root: str = CGROUP_ROOT,
+                    swaps: str = "/proc/swaps") -> CgroupSetup:
+    """Make the cgroups that nsjail needs for ``cfg`` and say how to call nsjail.
+
+    cgroup v1: create the parent groups of the controllers the config uses.
+    cgroup v2: enable those controllers for child groups where they aren't, moving
+    the processes of the top group into a child first (a group with processes can't
+    hand controllers down). Without a swap controller, nsjail must not be asked for a
+    swap limit, or every run would fail.
+    """
+    wants_swap_limit = cfg.mem_max > 0 and (cfg.mem_swap_max >= 0 or cfg.mem_memsw_max > 0)
+    if cgroup_version(root) == 1:
+        version, args = 1, []
+        used = [(cfg.mem_max, cfg.mem_mount, cfg.mem_parent, "memory"),
+                (cfg.pids_max, cfg.pids_mount, cfg.pids_parent, "pids"),
+                (cfg.cpu_ms_per_sec, cfg.cpu_mount, cfg.cpu_parent, "cpu")]
+        parents = []
+        for limit, mount, parent, name in used:
+            if not limit:
+                continue
+            if not os.path.isdir(mount):
+                raise SetupError(f"the cgroup v1 {name} controller is not mounted at {mount}")
+            parents.append(os.path.join(mount, parent))
+            os.makedirs(parents[-1], exist_ok=True)
+        has_swap = os.path.exists(os.path.join(cfg.mem_mount, "memory.memsw.limit_in_bytes"))
+    else:
+        version, args = 2, ["--use_cgroupv2"]
+        mount = cfg.cgroupv2_mount
+        parents = [mount]
+        needed = [name for limit, name in ((cfg.mem_max, "memory"), (cfg.pids_max, "pids"),
+                                           (cfg.cpu_ms_per_sec, "cpu")) if limit]
+        missing = [c for c in needed if c not in _read_words(os.path.join(mount, "cgroup.controllers"))]
+        if missing:
+            raise SetupError(f"cgroup v2 controllers not available in {mount}: {' '.join(missing)}")
+        _enable_v2_controllers(mount, needed)
+        has_swap = _v2_has_swap_files(mount)
+
+    if wants_swap_limit and not has_swap:
+        # Override the config's swap limit: memsw 0 and swap -1 both mean "none".
+        args += ["--cgroup_mem_memsw_max", "0", "--cgroup_mem_swap_max", "-1"]
+        log.warning("this kernel has no swap controller for cgroups: the jail's memory "
+                    "limit cannot cover swap")
+    swap_limited = wants_swap_limit and has_swap
+    if not swap_limited and swap_enabled(swaps):
+        log.warning("swap is on and the jail's memory limit does not cover it: jailed code "
+                    "may use swap beyond the limit (turn swap off, or enable swap accounting)")
+    return CgroupSetup(version, swap_limited, tuple(args), tuple(parents))
+
+
+def _enable_v2_controllers(mount: str, needed: list[str]) -> None:
+    control = os.path.join(mount, "cgroup.subtree_control")
+    if all(c in _read_words(control) for c in needed):
+        return
+    request = " ".join("+" + c for c in needed)
+    try:
+        with open(control, "w") as f:
+            f.write(request)
+        return
+    except OSError as e:
+        if e.errno != errno.EBUSY:
+            raise SetupError(f"cannot enable cgroup controllers in {control}: {e}") from e
+    # Processes in this group: move them into a child, then try again.
+    init = os.path.join(mount, "snekbox-init")
+    os.makedirs(init, exist_ok=True)
+    for pid in _read_words(os.path.join(mount, "cgroup.procs")):
+        try:
+            with open(os.path.join(init, "cgroup.procs"), "w") as f:
+                f.write(pid)
+        except OSError:
+            pass    # kernel threads and exited processes can't move; that's fine
+    try:
+        with open(control, "w") as f:
+            f.write(request)
+    except OSError as e:
+        raise SetupError(f"cannot enable cgroup controllers in {control}: {e}") from e
+
+
+def _v2_has_swap_files(mount: str) -> bool:
+    children = [e.path for e in os.scandir(mount) if e.is_dir(follow_symlinks=False)]
+    probe = None
+    if not children:
+        probe = os.path.join(mount, f"snekbox-probe-{os.getpid()}")
+        os.mkdir(probe)
+        children = [probe]
+    try:
+        return any(os.path.exists(os.path.join(c, "memory.swap.max")) for c in children)
+    finally:
+        if probe:
+            os.rmdir(probe)
+
+
+def remove_stale_cgroups(parents: Iterable[str]) -> int:
+    """Remove empty NSJAIL.<pid> groups whose nsjail is gone; return how many."""
+    removed = 0
+    for parent in parents:
+        try:
+            entries = list(os.scandir(parent))
+        except OSError:
+            continue
+        for entry in entries:
+            pid = entry.name.rpartition(".")[2]
+            if entry.name.startswith("NSJAIL.") and pid.isdigit() and not _pid_alive(int(pid)):
+                try:
+                    os.rmdir(entry.path)
+                    removed += 1
+                except OSError:
+                    pass
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    return os.path.exists(f"/proc/{pid}")
+
+
+# --------------------------------------------------------------------------------------
+# Per-evaluation tmpfs ("memfs") and the files in it
+# --------------------------------------------------------------------------------------
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = (ctypes.c_char_p,) * 3 + (ctypes.c_ulong, ctypes.c_char_p)
+_libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
+MNT_DETACH = 2
+
+
+def mount_tmpfs(target: str, size: int) -> None:
+    """Mount a tmpfs of ``size`` bytes at ``target``, owned by the jail's user."""
+    options = f"size={size},mode=0700,uid={JAIL_UID},gid={JAIL_UID}".encode()
+    if _libc.mount(b"tmpfs", target.encode(), b"tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                   options) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"mount tmpfs at {target}: {os.strerror(code)}")
+
+
+def unmount(target: str) -> None:
+    """Detach the mount at ``target`` (lazily, so a busy one can't fail)."""
+    if _libc.umount2(target.encode(), MNT_DETACH) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"unmount {target}: {os.strerror(code)}")
+
+
+def mounts_under(folder: str, mountinfo: str = "/proc/self/mountinfo") -> list[str]:
+    """Mount points at or below ``folder``, deepest first."""
+    folder = folder.rstrip("/")
+    found = []
+    with open(mountinfo) as f:
+        for line in f:
+            point = line.split()[4].encode().decode("unicode_escape")   # \040 etc.
+            if point == folder or point.startswith(folder + "/"):
+                found.append(point)
+    return sorted(found, key=len, reverse=True)
+
+
+@dataclass(frozen=True)
+class File:
+    """A file going into the jail's /home or coming out of it."""
+
+    path: str
+    content: bytes = b""
+
+    def to_json(self) -> dict:
+        return {"path": self.path, "size": len(self.content),
+                "content": base64.b64encode(self.content).decode("ascii")}
+
+
+class MemFS:
+    """A tmpfs of its own for one evaluation, unmounted and removed on exit."""
+
+    def __init__(self, root: str, name: str, size: int):
+        self.path = os.path.join(root, name)
+        self.size = size
+
+    def mount(self) -> None:
+        os.mkdir(self.path, 0o700)
+        try:
+            mount_tmpfs(self.path, self.size)
+        except OSError:
+            os.rmdir(self.path)
+            raise
+
+    def remove(self) -> None:
+        try:
+            unmount(self.path)
+            os.rmdir(self.path)
+        except OSError:
+            log.exception("could not remove the evaluation's tmpfs at %s", self.path)
+
+    def write_files(self, files: Sequence[File]) -> dict[str, tuple[int, int]]:
+        """Write the uploaded files for the jail's user; return ``{path: (inode, ctime)}``.
+
+        Raises InvalidRequest naming the file when one can't be written.
+        """
+        written = {}
+        for upload in files:
+            target = os.path.join(self.path, upload.path)
+            try:
+                self._make_parents(os.path.dirname(upload.path))
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+                try:
+                    os.fchown(fd, JAIL_UID, JAIL_UID)
+                    view = memoryview(upload.content)
+                    while view:
+                        view = view[os.write(fd, view):]
+                    st = os.fstat(fd)
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                if e.errno == errno.ENOSPC:
+                    raise InvalidRequest(
+                        413, f"files: {upload.path!r} does not fit: the files may take "
+                             f"{self.size // MiB} MiB in all") from None
+                if e.errno == errno.EEXIST:
+                    reason = "is given twice, or is a folder of another file"
+                else:
+                    reason = f"cannot be written: {e.strerror}"
+                raise InvalidRequest(400, f"files: {upload.path!r} {reason}") from None
+            written[upload.path] = (st.st_ino, st.st_ctime_ns)
+        return written
+
+    def _make_parents(self, relative: str) -> None:
+        path = self.path
+        for part in relative.split("/") if relative else ():
+            path = os.path.join(path, part)
+            try:
+                os.mkdir(path, 0o755)
+                os.chown(path, JAIL_UID, JAIL_UID)
+            except FileExistsError:
+                if not stat.S_ISDIR(os.lstat(path).st_mode):
+                    raise OSError(errno.EEXIST, "a file has that folder's name") from None
+
+    def collect_files(self, unchanged: dict[str, tuple[int, int]], limit: int,
+                      timeout: float) -> tuple[list[File], str | None]:
+        """The regular files that the run created or changed, sorted by path.
+
+        Hidden paths (a part starting with ".") and anything but regular files are
+        skipped; symlinks are never followed. Bounded: ``limit`` files, the tmpfs size
+        in bytes (sparse files and hard links count their full size), ``timeout``
+        seconds and MAX_FILE_DEPTH folders. Returns the files and, when something
+        could not be returned, why.
+        """
+        deadline = time.monotonic() + timeout
+        found: list[tuple[str, os.stat_result]] = []
+        problems: list[str] = []
+        stack = [("", self.path, 0)]
+        while stack:
+            relative, folder, depth = stack.pop()
+            try:
+                entries = list(os.scandir(folder))
+            except OSError as e:
+                problems.append(f"cannot list {relative or '.'}: {e.strerror}")
+                continue
+            for entry in entries:
+                if time.monotonic() > deadline:
+                    return [], f"listing the output files took over {timeout:g} s"
+                if entry.name.startswith("."):
+                    continue
+                path = f"{relative}/{entry.name}" if relative else entry.name
+                try:
+                    path.encode("utf-8")
+                except UnicodeEncodeError:
+                    problems.append("a file name is not valid UTF-8 and was skipped")
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    if depth + 1 >= MAX_FILE_DEPTH:
+                        problems.append(f"folders deeper than {MAX_FILE_DEPTH} were skipped")
+                    else:
+                        stack.append((path, entry.path, depth + 1))
+                elif entry.is_file(follow_symlinks=False):
+                    st = entry.stat(follow_symlinks=False)
+                    if unchanged.get(path) != (st.st_ino, st.st_ctime_ns):
+                        found.append((path, st))
+        found.sort(key=lambda item: item[0])
+        if len(found) > limit:
+            problems.append(f"{len(found)} files were written; only the first {limit} "
+                            "are returned")
+            del found[limit:]
+        files, budget = [], self.size
+        for path, st in found:
+            if st.st_size > budget:
+                problems.append(f"the files exceed {self.size // MiB} MiB in all; "
+                                f"{path!r} and the files after it were skipped")
+                break
+            content = self._read_regular(path, st, budget)
+            if content is not None:
+                files.append(File(path, content))
+                budget -= len(content)
+        return files, "; ".join(dict.fromkeys(problems)) or None
+
+    def _read_regular(self, path: str, st: os.stat_result, budget: int) -> bytes | None:
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+        try:
+            fd = os.open(os.path.join(self.path, path), flags)
+        except OSError:
+            return None
+        try:
+            now = os.fstat(fd)
+            if not stat.S_ISREG(now.st_mode) or now.st_ino != st.st_ino:
+                return None
+            chunks, left = [], min(now.st_size, budget)
+            while left > 0:
+                chunk = os.read(fd, min(left, MiB))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                left -= len(chunk)
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
+
+
+_live_memfs_folders: set[str] = set()     # this process's, in use
+
+
+def clean_memfs_root(root: str) -> int:
+    """Unmount and remove what dead snekbox processes left under ``root``; return count.
+
+    Each Sandbox keeps its tmpfs instances in ``root/<pid>-<n>``; a folder whose process
+    is gone (or whose pid is now ours, after a restart) is left over from a crash.
+    """
+    cleaned = 0
+    try:
+        entries = list(os.scandir(root))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        pid = entry.name.partition("-")[0]
+        if not pid.isdigit() or entry.path in _live_memfs_folders:
+            continue
+        if int(pid) != os.getpid() and _pid_alive(int(pid)):
+            continue
+        for point in mounts_under(entry.path):
+            try:
+                unmount(point)
+                cleaned += 1
+            except OSError as e:
+                log.warning("could not unmount a leftover tmpfs: %s", e)
+        shutil.rmtree(entry.path, ignore_errors=True)
+    return cleaned
+
+
+# --------------------------------------------------------------------------------------
+# The jail runner
+# --------------------------------------------------------------------------------------
+
+class InvalidRequest(ValueError):
+    """The evaluation can't run as asked (the client's fault); ``status`` is 400 or 413."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class SandboxUnavailable(RuntimeError):
+    """The jail can't be started right now (the host's fault, not the request's)."""
+
+
+@dataclass
+class EvalResult:
+    """The outcome of one evaluation."""
+
+    stdout: str
+    returncode: int | None
+    files: list[File] = field(default_factory=list)
+    timed_out: bool = False
+    truncated: bool = False
+    duration: float = 0.0
+    error: str | None = None
+
+    def to_json(self) -> dict:
+        return {"stdout": self.stdout, "returncode": self.returncode,
+                "files": [f.to_json() for f in self.files], "timed_out": self.timed_out,
+                "truncated": self.truncated, "duration": round(self.duration, 4),
+                "error": self.error}
+
+
+# Runs `-c` code too large for one argument: the code comes on an inherited descriptor
+# and runs in __main__ as `-c` would, with the same sys.argv and no frame of its own in
+# tracebacks.
+_LARGE_CODE_BOOTSTRAP = """\
+try:
+    exec(compile(open({fd}, encoding="utf-8").read(), "<string>", "exec"))
+except BaseException as e:
+    if isinstance(e, SystemExit):
+        raise
+    e.with_traceback(e.__traceback__.tb_next)
+    __import__("sys").excepthook(type(e), e, e.__traceback__)
+    raise SystemExit(1)
+"""
+
+_NSJAIL_LINE = re.compile(rb"^\[([DIWEF])\]\[[^\]]*\](?:\[\d+\] \S+ )?\s*(.*)$")
+_EXITED = re.compile(rb"pid=\d+ \(.*\) exited with status: (\d+)")
+_SIGNALED = re.compile(rb"pid=\d+ \(.*\) terminated with signal: \S+ \((\d+)\)")
+_TIME_LIMIT = re.compile(rb"pid=\d+ run time >= time limit")
+_LEVELS = {b"D": logging.DEBUG, b"I": logging.INFO, b"W": logging.WARNING,
+           b"E": logging.ERROR, b"F": logging.ERROR}
+
+
+def find_nsjail(explicit: str | None = None) -> str | None:
+    """``explicit`` if given, else nsjail on PATH or in the usual sbin/bin places."""
+    if explicit:
+        return explicit
+    found = shutil.which("nsjail")
+    if found:
+        return found
+    return next((p for p in NSJAIL_PLACES if os.access(p, os.X_OK)), None)
+
+
+def code_argument_index(args: Sequence[str]) -> int | None:
+    """Index of the code after the interpreter's own ``-c``, if the args have one."""
+    i = 0
+    while i < len(args) - 1:
+        arg = args[i]
+        if arg == "-c":
+            return i + 1
+        if not arg.startswith("-") or arg in ("-", "--") or arg.startswith("-m"):
+            return None
+        i += 2 if arg in ("-W", "-X") else 1
+    return None
+
+
+_sandbox_numbers = itertools.count(1)
+_sandbox_lock = threading.Lock()
+
+
+class Sandbox:
+    """Runs code in nsjail with the policy of a config file; thread-safe.
+
+    Creating one prepares the host (cgroups, the folder for per-evaluation tmpfs
+    mounts, leftovers of a crashed server); ``run`` does one evaluation.
+    """
+
+    def __init__(self, config: str = DEFAULT_CONFIG, nsjail: str | None = None, *,
+                 max_output_size: int = 1_000_000, memfs_size: int = 48 * MiB,
+                 files_limit: int = 100, files_timeout: float = 5.0,
+                 user_base: str | None = None, memfs_root: str = DEFAULT_MEMFS_ROOT):
+        nsjail_path = find_nsjail(nsjail)
+        if not nsjail_path:
+            raise SetupError("nsjail not found on PATH or in /usr/sbin, /usr/local/sbin, "
+                             "/usr/bin, /usr/local/bin: install it (see README) or pass --nsjail")
+        if not os.path.isfile(nsjail_path) or not os.access(nsjail_path, os.X_OK):
+            raise SetupError(f"nsjail at {nsjail_path} is not an executable file")
+        try:
+            self.config = JailConfig.from_file(config)
+        except (OSError, ValueError) as e:
+            raise SetupError(f"cannot read the jail config {config}: {e}") from e
+        if user_base and (":" in user_base or not os.path.isdir(user_base)):
+            raise SetupError(f"--user-base {user_base} is not a folder (or has a ':')")
+        self.nsjail = os.path.abspath(nsjail_path)
+        self.max_output_size = max_output_size
+        self.memfs_size = memfs_size
+        self.files_limit = files_limit
+        self.files_timeout = files_timeout
+        self.user_base = user_base
+        self.cgroups = prepare_cgroups(self.config)
+        stale = remove_stale_cgroups(self.cgroups.parents) + clean_memfs_root(memfs_root)
+        if stale:
+            log.info("removed %d cgroups and tmpfs mounts left by an earlier run", stale)
+        with _sandbox_lock:
+            self.memfs_root = os.path.join(memfs_root, f"{os.getpid()}-{next(_sandbox_numbers)}")
+            _live_memfs_folders.add(self.memfs_root)
+        os.makedirs(self.memfs_root, mode=0o711, exist_ok=True)
+        self._quiet_mounts = self.config.missing_optional_mounts()
+        if self._quiet_mounts:
+            log.info("optional mounts this host doesn't have: %s", " ".join(self._quiet_mounts))
+        self._numbers = itertools.count(1)
+        self._lock = threading.Lock()
+
+    @property
+    def time_limit(self) -> int:
+        return self.config.time_limit
+
+    def close(self) -> None:
+        """Remove this sandbox's folder of tmpfs mounts (after the last ``run``)."""
+        for point in mounts_under(self.memfs_root):
+            unmount(point)
+        shutil.rmtree(self.memfs_root, ignore_errors=True)
+        _live_memfs_folders.discard(self.memfs_root)
+
+    def run(self, args: Sequence[str], *, stdin: bytes = b"", files: Sequence[File] = (),
+            executable_path: str | None = None,
+            client: socket.socket | None = None) -> EvalResult:
+        """Run the interpreter with ``args`` in a fresh jail and return what happened.
+
+        ``files`` are written to /home first; the files the run creates or changes come
+        back in ``result.files``. ``client``, if given, is a connected socket whose
+        hang-up cancels the run. Raises InvalidRequest for arguments, files or an
+        executable that can't be used, and SandboxUnavailable when nsjail or the tmpfs
+        can't be started.
+        """
+        started = time.monotonic()
+        args = list(args)
+        code = self._check_args(args)
+        executable = self._check_executable(executable_path) if executable_path else None
+        with self._lock:
+            memfs = MemFS(self.memfs_root, str(next(self._numbers)), self.memfs_size)
+        try:
+            memfs.mount()
+        except OSError as e:
+            raise SandboxUnavailable(f"cannot create the evaluation's tmpfs: {e}") from e
+        try:
+            unchanged = memfs.write_files(files)
+            result = self._run_in(memfs.path, args, code, stdin, executable, client)
+            if result.returncode is not None:
+                result.files, files_error = memfs.collect_files(
+                    unchanged, self.files_limit, self.files_timeout)
+                result.error = result.error or files_error
+        finally:
+            memfs.remove()
+        result.duration = time.monotonic() - started
+        return result
+
+    def _check_args(self, args: list[str]) -> bytes | None:
+        """Check the arguments' sizes; return `-c` code too long to be an argument.
+
+        That code is taken out of ``args`` (its place is left for the bootstrap).
+        """
+        if any("\0" in a for a in args):
+            raise InvalidRequest(400, "args: an argument contains a NUL character")
+        index = code_argument_index(args)
+        code = None
+        if index is not None and len(args[index].encode("utf-8", "surrogatepass")) > MAX_ARG_BYTES:
+            code = args[index].encode("utf-8")
+            args[index] = ""    # filled in by _run_in, which knows the descriptor
+        sizes = [len(a.encode("utf-8", "surrogatepass")) for a in args]
+        if len(args) > MAX_ARGS_COUNT:
+            raise InvalidRequest(413, f"args: at most {MAX_ARGS_COUNT} arguments")
+        if any(size > MAX_ARG_BYTES for size in sizes):
+            raise InvalidRequest(413, f"args: an argument is over {MAX_ARG_BYTES} bytes, "
+                                      "Linux's limit (only code after -c may be longer)")
+        if sum(sizes) > MAX_ARGS_TOTAL:
+            raise InvalidRequest(413, f"args: over {MAX_ARGS_TOTAL // MiB} MiB in all")
+        return code
+
+    def _check_executable(self, path: str) -> str:
+        if not path.startswith("/"):
+            raise InvalidRequest(400, f"executable_path: {path!r} must be an absolute path")
+        host = self.config.host_path(path)
+        if host is None or not os.path.exists(host):
+            raise InvalidRequest(400, f"executable_path: {path!r} does not exist in the jail")
+        st = os.stat(host)
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidRequest(400, f"executable_path: {path!r} is not a regular file")
+        if not st.st_mode & 0o001:
+            raise InvalidRequest(400, f"executable_path: {path!r} is not executable")
+        return path
+
+    def _command(self, home: str, log_fd: int, code_fd: int | None) -> list[str]:
+        command = [self.nsjail, "--config", self.config.path, *self.cgroups.nsjail_args,
+                   "--log_fd", str(log_fd), "--bindmount", f"{home}:{JAIL_HOME}"]
+        if self.user_base:
+            command += ["--bindmount_ro", f"{self.user_base}:{JAIL_USER_BASE}"]
+        if code_fd is not None:
+            command += ["--pass_fd", str(code_fd)]
+        return command
+
+    def _run_in(self, home: str, args: list[str], code: bytes | None, stdin: bytes,
+                executable: str | None, client: socket.socket | None) -> EvalResult:
+        log_r, log_w = os.pipe()
+        code_fd = None
+        try:
+            if code is not None:
+                code_fd = os.memfd_create("snekbox-code", 0)
+                os.write(code_fd, code)
+                os.lseek(code_fd, 0, os.SEEK_SET)
+                args[code_argument_index(args)] = _LARGE_CODE_BOOTSTRAP.format(fd=code_fd)
+            command = self._command(home, log_w, code_fd)
+            command += ["--", executable or self.config.exec_path, *self.config.exec_args, *args]
+            try:
+                proc = subprocess.Popen(
+                    command, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={},
+                    pass_fds=(log_w,) if code_fd is None else (log_w, code_fd))
+            except OSError as e:
+                raise SandboxUnavailable(f"cannot start nsjail ({self.nsjail}): {e.strerror}") from e
+        finally:
+            os.close(log_w)
+            if code_fd is not None:
+                os.close(code_fd)
+        try:
+            return self._communicate(proc, log_r, stdin, client)
+        finally:
+            os.close(log_r)
+            if proc.returncode is None:
+                proc.kill()
+                proc.wait()
+
+    def _communicate(self, proc: subprocess.Popen, log_r: int, stdin: bytes,
+                     client: socket.socket | None) -> EvalResult:
+        """Feed stdin, read output (up to the limit) and nsjail's log until it exits."""
+        output = bytearray()
+        log_data = bytearray()
+        truncated = cancelled = killed = False
+        deadline = time.monotonic() + self.time_limit + KILL_GRACE
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ, "stdout")
+            sel.register(log_r, selectors.EVENT_READ, "log")
+            if proc.stdin:
+                os.set_blocking(proc.stdin.fileno(), False)
+                sel.register(proc.stdin, selectors.EVENT_WRITE, "stdin")
+                pending = memoryview(stdin)
+            if client is not None:
+                sel.register(client, selectors.EVENT_READ, "client")
+            while any(key.data != "client" for key in sel.get_map().values()):
+                timeout = deadline - time.monotonic()
+                if timeout <= 0:
+                    log.warning("nsjail did not exit %gs after the time limit; killed", KILL_GRACE)
+                    proc.kill()
+                    killed = True
+                    break
+                for key, _ in sel.select(timeout):
+                    if key.data == "stdout":
+                        chunk = os.read(key.fd, 65536)
+                        if not chunk:
+                            sel.unregister(key.fileobj)
+                            continue
+                        output += chunk
+                        if len(output) > self.max_output_size:
+                            del output[self.max_output_size:]
+                            truncated = True
+                            sel.unregister(key.fileobj)
+                            proc.stdout.close()
+                            self._stop(proc)
+                    elif key.data == "log":
+                        chunk = os.read(key.fd, 65536)
+                        if chunk:
+                            log_data += chunk
+                        else:
+                            sel.unregister(key.fd)
+                    elif key.data == "stdin":
+                        try:
+                            pending = pending[os.write(key.fd, pending[:65536]):]
+                        except BrokenPipeError:
+                            pending = pending[:0]
+                        if not pending:
+                            sel.unregister(key.fileobj)
+                            proc.stdin.close()
+                    elif key.data == "client" and _peer_gone(client):
+                        cancelled = True
+                        sel.unregister(client)
+                        self._stop(proc)
+                    elif key.data == "client":
+                        sel.unregister(client)   # a pipelined request: not ours to read
+        for stream in (proc.stdin, proc.stdout):
+            if stream and not stream.closed:
+                stream.close()
+        try:
+            status = proc.wait(timeout=KILL_GRACE)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            status = proc.wait()
+        return self._result(output, bytes(log_data), status, truncated, cancelled, killed)
+
+    @staticmethod
+    def _stop(proc: subprocess.Popen) -> None:
+        # SIGTERM lets nsjail kill the jail and remove its cgroups itself.
+        try:
+            proc.terminate()
+        except ProcessLookupError:
+            pass
+
+    def _result(self, output: bytearray, log_data: bytes, status: int, truncated: bool,
+                cancelled: bool, killed: bool) -> EvalResult:
+        report = read_nsjail_log(log_data, quiet=self._quiet_mounts)
+        if report.child_status is not None:
+            returncode: int | None = report.child_status
+        elif truncated or cancelled or killed:
+            returncode = shell_status(status)
+        else:
+            returncode = None    # nsjail never started the process
+        error = None
+        if returncode is None:
+            error = "the jail could not start the process: " + (
+                report.errors[-1] if report.errors else f"nsjail exited with status {status}")
+        elif cancelled:
+            error = "cancelled: the client went away"
+        return EvalResult(stdout=output.decode("utf-8", "replace"), returncode=returncode,
+                          timed_out=report.timed_out or killed, truncated=truncated,
+                          error=error)
+
+
+def shell_status(status: int) -> int:
+    """A Popen return code the way a shell shows it: 128+N after signal N."""
+    return 128 - status if status < 0 else status
+
+
+@dataclass
+class NsjailReport:
+    """What nsjail's log says about a run."""
+
+    child_status: int | None = None    # shell-style status of the jailed process
+    timed_out: bool = False
+    errors: list[str] = field(default_factory=list)
+
+
+def read_nsjail_log(data: bytes, quiet: Sequence[str] = ()) -> NsjailReport:
+    """Forward nsjail's log lines to the ``snekbox.nsjail`` logger and read the outcome.
+
+    Levels match nsjail's, except warnings about the optional mounts in ``quiet``
+    (sources this host lacks, reported once at start-up), which go to DEBUG.
+    """
+    report = NsjailReport()
+    for line in data.splitlines():
+        match = _NSJAIL_LINE.match(line)
+        level, message = (_LEVELS[match[1]], match[2]) if match else (logging.WARNING, line)
+        exited, signaled = _EXITED.search(message), _SIGNALED.search(message)
+        if exited:
+            report.child_status = int(exited[1])
+        elif signaled:
+            report.child_status = 128 + int(signaled[1])
+        elif _TIME_LIMIT.search(message):
+            report.timed_out = True
+        text = message.decode("utf-8", "replace")
+        if level == logging.WARNING and any(f"'{p}'" in text for p in quiet):
+            level = logging.DEBUG
+        elif level >= logging.ERROR:
+            report.errors.append(text)
+        nsjail_log.log(level, "%s", text)
+    return report
+
+
+def _peer_gone(sock: socket.socket) -> bool:
+    """Whether the peer of a connected socket has closed it or reset it (never waits)."""
+    try:
+        if not select.select([sock], [], [], 0)[0]:
+            return False
+        # Readable: either data (a pipelined request) or the end of the stream.
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError, TimeoutError, socket.timeout):
+        return False
+    except OSError:
+        return True
+
+
+# --------------------------------------------------------------------------------------
+# Request parsing
+# --------------------------------------------------------------------------------------
+
+class HTTPError(Exception):
+    """An error answer: ``{"title": ..., "description": ...}`` with ``status``."""
+
+    def __init__(self, status: int, description: str, headers: dict | None = None):
+        super().__init__(description)
+        self.status = status
+        self.title = HTTPStatus(status).phrase
+        self.description = description
+        self.headers = headers or {}
+
+
+@dataclass
+class EvalRequest:
+    """A validated ``POST /eval`` body."""
+
+    args: list[str]
+    stdin: bytes = b""
+    files: list[File] = field(default_factory=list)
+    executable_path: str | None = None
+
+
+def _string(value: object, name: str, *, nul_ok: bool = False) -> str:
+    if not isinstance(value, str):
+        raise HTTPError(400, f"{name} must be a string, not {_json_type(value)}")
+    if not nul_ok and "\0" in value:
+        raise HTTPError(400, f"{name} must not contain a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise HTTPError(400, f"{name} contains a lone surrogate (invalid Unicode)") from None
+    return value
+
+
+def _json_type(value: object) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+             int: "a number", float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _relative_path(path: str, name: str) -> str:
+    if not path:
+        raise HTTPError(400, f"{name} must not be empty")
+    if path.startswith("/"):
+        raise HTTPError(400, f"{name} {path!r} must be relative to /home")
+    normal = posixpath.normpath(path)
+    if normal == ".." or normal.startswith("../"):
+        raise HTTPError(400, f"{name} {path!r} leads outside /home")
+    if normal == "." or path.endswith("/"):
+        raise HTTPError(400, f"{name} {path!r} must name a file")
+    return normal
+
+
+def parse_eval_request(body: bytes, files_limit: int = 100) -> EvalRequest:
+    """Validate a ``POST /eval`` body; raise HTTPError(400) naming the bad field."""
+    try:
+        data = json.loads(body)
+    except RecursionError:
+        raise HTTPError(400, "the JSON is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise HTTPError(400, f"the body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise HTTPError(400, f"the body must be a JSON object, not {_json_type(data)}")
+    if "input" not in data and "args" not in data:
+        raise HTTPError(400, "input or args is required")
+
+    args = data.get("args", ["-c"] if "input" in data else None)
+    if not isinstance(args, list):
+        raise HTTPError(400, f"args must be an array of strings, not {_json_type(args)}")
+    args = [_string(a, f"args[{i}]") for i, a in enumerate(args)]
+    if "input" in data:
+        args.append(_string(data["input"], "input"))
+
+    stdin = _string(data.get("stdin", ""), "stdin", nul_ok=True).encode("utf-8")
+
+    executable = data.get("executable_path")
+    if executable is not None:
+        executable = _string(executable, "executable_path")
+
+    raw_files = data.get("files", [])
+    if not isinstance(raw_files, list):
+        raise HTTPError(400, f"files must be an array, not {_json_type(raw_files)}")
+    if len(raw_files) > files_limit:
+        raise HTTPError(400, f"files: at most {files_limit} files")
+    files, seen = [], set()
+    for i, item in enumerate(raw_files):
+        if not isinstance(item, dict):
+            raise HTTPError(400, f"files[{i}] must be an object with path and content")
+        if "path" not in item:
+            raise HTTPError(400, f"files[{i}].path is required")
+        path = _relative_path(_string(item["path"], f"files[{i}].path"), f"files[{i}].path")
+        if path in seen:
+            raise HTTPError(400, f"files[{i}].path {path!r} is given twice")
+        seen.add(path)
+        content = _string(item.get("content", ""), f"files[{i}].content")
+        try:
+            files.append(File(path, base64.b64decode(content, validate=True)))
+        except (binascii.Error, ValueError):
+            raise HTTPError(400, f"files[{i}].content of {path!r} is not valid base64") from None
+    return EvalRequest(args=args, stdin=stdin, files=files, executable_path=executable)
+
+
+# --------------------------------------------------------------------------------------
+# Worker slots
+# --------------------------------------------------------------------------------------
+
+class Busy(Exception):
+    """No worker slot could be had: the queue is full, the wait too long, or closing."""
+
+
+class WorkerSlots:
+    """At most ``workers`` evaluations at once; the rest wait, first come first served.
+
+    A ``BoundedSemaphore`` counts the slots. Waiters queue in arrival order and only
+    the oldest may take a freed slot, so newcomers never overtake. The queue holds at
+    most ``max_queue`` requests, each for at most ``max_wait`` seconds.
+    """
+
+    def __init__(self, workers: int, max_queue: int, max_wait: float):
+        self.workers = workers
+        self.max_queue = max_queue
+        self.max_wait = max_wait
+        self._slots = threading.BoundedSemaphore(workers)
+        self._cond = threading.Condition()
+        self._queue: collections.deque = collections.deque()
+        self._running = 0
+        self._closed = False
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    @property
+    def waiting(self) -> int:
+        return len(self._queue)
+
+    def close(self) -> None:
+        """Take no more work: waiting and later requests get Busy."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no evaluation runs; False if some still do after ``timeout``."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._running == 0, timeout)
+
+    def acquire(self, gone: Callable[[], bool] = lambda: False) -> None:
+        """Take a slot, waiting in line; raise Busy if none comes in time.
+
+        ``gone`` is asked now and then while waiting: True gives up the place.
+        """
+        ticket = object()
+        with self._cond:
+            if self._closed or len(self._queue) >= self.max_queue:
+                raise Busy
+            self._queue.append(ticket)
+            try:
+                deadline = time.monotonic() + self.max_wait
+                while not (self._queue[0] is ticket and self._slots.acquire(blocking=False)):
+                    remaining = deadline - time.monotonic()
+                    if self._closed or remaining <= 0 or gone():
+                        raise Busy
+                    self._cond.wait(min(remaining, 0.5))
+                self._running += 1
+            finally:
+                self._queue.remove(ticket)
+                self._cond.notify_all()
+
+    def release(self) -> None:
+        with self._cond:
+            self._running -= 1
+            self._slots.release()
+            self._cond.notify_all()
+
+
+# --------------------------------------------------------------------------------------
+# The HTTP layer
+# --------------------------------------------------------------------------------------
+
+class SnekboxServer(ThreadingHTTPServer):
+    """The HTTP server: a thread per connection, at most ``max_connections`` of them."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, settings: Settings, sandbox: Sandbox):
+        if ":" in settings.host:
+            self.address_family = socket.AF_INET6
+        self.settings = settings
+        self.sandbox = sandbox
+        self.slots = WorkerSlots(settings.workers, settings.queue_limit, settings.max_wait)
+        self.stopping = False
+        self._connections = threading.BoundedSemaphore(settings.max_connections)
+        super().__init__((settings.host, settings.port), SnekboxHandler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind would look the host up in DNS, slowing start-up.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def process_request(self, request, client_address) -> None:
+        if not self._connections.acquire(blocking=False):
+            # Over the cap: answer at once instead of starting another thread.
+            try:
+                request.setblocking(False)
+                request.send(_raw_busy_response("too many open connections"))
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._connections.release()
+
+
+def _json_bytes(data: dict) -> bytes:
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def _raw_busy_response(description: str) -> bytes:
+    body = _json_bytes({"title": "Service Unavailable", "description": description})
+    return (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(body), body))
+
+
+class SnekboxHandler(BaseHTTPRequestHandler):
+    """Answers ``POST /eval`` and ``GET /health``; every answer is JSON."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "snekbox"
+    disable_nagle_algorithm = True
+    wbufsize = 64 * 1024           # headers and a small body leave in one write
+    server: SnekboxServer
+
+    ROUTES = {"/eval": ("POST",), "/health": ("GET", "HEAD")}
+
+    def version_string(self) -> str:
+        return self.server_version
+
+    def setup(self) -> None:
+        self.timeout = self.server.settings.client_timeout
+        super().setup()
+
+    # One method for every verb: the path decides what's allowed.
+    def do_GET(self) -> None:
+        self._handle()
+
+    do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_GET
+
+    def _handle(self) -> None:
+        started = time.monotonic()
+        self._status, self._size, self._body_read = 0, 0, False
+        try:
+            self._route()
+        except HTTPError as e:
+            self._send_error(e)
+        except Exception:
+            log.exception("bug while answering %s %s", self.command, self.path)
+            self._send_error(HTTPError(500, "an internal error; the server's log has details"))
+        finally:
+            log.info('%s "%s %s" %d %d %.1fms', self.client_address[0], self.command,
+                     self.path[:200], self._status, self._size,
+                     (time.monotonic() - started) * 1000)
+
+    def _route(self) -> None:
+        path = self.path.split("?", 1)[0]
+        methods = self.ROUTES.get(path)
+        if methods is None:
+            raise HTTPError(404, f"no such endpoint: {path[:100]}; try POST /eval")
+        if self.command not in methods:
+            raise HTTPError(405, f"{path} takes {' or '.join(methods)}",
+                            headers={"Allow": ", ".join(methods)})
+        if path == "/health":
+            self._health()
+        else:
+            self._eval()
+
+    def _health(self) -> None:
+        slots = self.server.slots
+        ready = not self.server.stopping
+        self.send_json(200 if ready else 503, {
+            "status": "ok" if ready else "stopping", "ready": ready,
+            "workers": slots.workers, "running": slots.running, "waiting": slots.waiting,
+            "max_queue": slots.max_queue})
+
+    def _eval(self) -> None:
+        content_type = self.headers.get("Content-Type", "")
+        if content_type.split(";")[0].strip().lower() != "application/json":
+            self.close_connection = True
+            raise HTTPError(415, "the body must be JSON, sent as Content-Type: application/json")
+        settings = self.server.settings
+        request = parse_eval_request(self._read_body(settings.max_request_size),
+                                     settings.files_limit)
+        retry = {"Retry-After": "1"}
+        try:
+            self.server.slots.acquire(gone=lambda: _peer_gone(self.connection))
+        except Busy:
+            raise HTTPError(503, "all workers are busy and the queue is full; try again",
+                            headers=retry) from None
+        try:
+            result = self.server.sandbox.run(
+                request.args, stdin=request.stdin, files=request.files,
+                executable_path=request.executable_path, client=self.connection)
+        except InvalidRequest as e:
+            raise HTTPError(e.status, str(e)) from None
+        except SandboxUnavailable as e:
+            log.error("%s", e)
+            raise HTTPError(503, str(e), headers=retry) from None
+        finally:
+            self.server.slots.release()
+        log.info("evaluation: returncode=%s duration=%.3fs%s%s%s", result.returncode,
+                 result.duration, " time-limit" if result.timed_out else "",
+                 " output-truncated" if result.truncated else "",
+                 f" error={result.error!r}" if result.error else "")
+        if result.error and result.error.startswith("cancelled"):
+            self.close_connection = True
+            return      # nobody to answer
+        self.send_json(200, result.to_json())
+
+    def _read_body(self, limit: int) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            if "Content-Length" in self.headers:
+                self.close_connection = True
+                raise HTTPError(400, "Content-Length and Transfer-Encoding together are ambiguous")
+            return self._read_chunked(limit)
+        lengths = self.headers.get_all("Content-Length") or []
+        if not lengths:
+            self.close_connection = True
+            raise HTTPError(411, "a Content-Length header is required")
+        if len(set(lengths)) > 1 or not lengths[0].strip().isdigit():
+            self.close_connection = True
+            raise HTTPError(400, "the Content-Length header is not a valid length")
+        length = int(lengths[0])
+        if length > limit:
+            self.close_connection = True
+            raise HTTPError(413, f"the body is {length} bytes; the limit is {limit} bytes")
+        body = self._read_exactly(length)
+        self._body_read = True
+        return body
+
+    def _read_exactly(self, length: int) -> bytes:
+        try:
+            data = self.rfile.read(length)
+        except (TimeoutError, socket.timeout):
+            self.close_connection = True
+            raise HTTPError(408, "the body did not arrive in time") from None
+        if len(data) < length:
+            self.close_connection = True
+            raise HTTPError(400, "the body is shorter than its Content-Length")
+        return data
+
+    def _read_chunked(self, limit: int) -> bytes:
+        body = bytearray()
+        while True:
+            try:
+                line = self.rfile.readline(1024)
+            except (TimeoutError, socket.timeout):
+                self.close_connection = True
+                raise HTTPError(408, "the body did not arrive in time") from None
+            try:
+                size = int(line.split(b";")[0].strip(), 16)
+                if size < 0:
+                    raise ValueError
+            except ValueError:
+                self.close_connection = True
+                raise HTTPError(400, "a chunk of the chunked body has no valid size") from None
+            if len(body) + size > limit:
+                self.close_connection = True
+                raise HTTPError(413, f"the body is over the limit of {limit} bytes")
+            if size == 0:
+                while self.rfile.readline(1024).strip():
+                    pass    # trailers
+                self._body_read = True
+                return bytes(body)
+            body += self._read_exactly(size)
+            if self._read_exactly(2) != b"\r\n":
+                self.close_connection = True
+                raise HTTPError(400, "a chunk of the chunked body is malformed")
+
+    def send_json(self, status: int, data: dict, headers: dict | None = None) -> None:
+        """Send ``data`` as the whole answer, in one write where it fits."""
+        body = _json_bytes(data)
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if self.close_connection or self.server.stopping:
+            self.close_connection = True
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+        self.wfile.flush()
+        self._status, self._size = status, len(body)
+
+    def _send_error(self, error: HTTPError) -> None:
+        if not self._body_read and (self.headers.get("Content-Length", "0").strip() != "0"
+                                    or "Transfer-Encoding" in self.headers):
+            self.close_connection = True    # what is left of the body can't be a request
+        try:
+            self.send_json(error.status, {"title": error.title, "description": error.description},
+                           error.headers)
+        except OSError:
+            self.close_connection = True    # the client is gone; nothing to tell it
+
+    def parse_request(self) -> bool:
+        ok = super().parse_request()
+        if ok and self.request_version == "HTTP/0.9":
+            self.send_error(400, "HTTP/0.9 is not supported")
+            return False
+        return ok
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own errors (malformed request, header too long) as JSON."""
+        if self.request_version == "HTTP/0.9":
+            self.request_version = "HTTP/1.0"   # a status line and headers all the same
+        self.close_connection = True
+        self._status, self._size, self._body_read = code, 0, True
+        self._send_error(HTTPError(code, message or explain or HTTPStatus(code).description))
+        log.info('%s "%s" %d', self.client_address[0], (self.requestline or "")[:200], code)
+
+    def log_request(self, code="-", size="-") -> None:
+        pass    # _handle logs each request once it's answered
+
+    def log_message(self, format: str, *args) -> None:
+        log.debug("%s " + format, self.client_address[0], *args)
+
+
+# --------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    """The command line; every flag falls back to a SNEKBOX_* environment variable."""
+    defaults = Settings()
+    p = argparse.ArgumentParser(
+        prog="snekbox.py", description="Run untrusted Python code in nsjail, over HTTP.",
+        epilog="Each flag can also be set by the environment variable in brackets.")
+
+    def add(flag: str, help: str) -> None:
+        name = flag[2:].replace("-", "_")
+        default = getattr(defaults, name)
+        env = "SNEKBOX_" + name.upper()
+        # argparse converts a string default with `type`, so a bad variable is reported
+        # like a bad flag.
+        p.add_argument(flag, type=str if default is None else type(default),
+                       default=os.environ.get(env, default), help=f"{help} [{env}]")
+
+    add("--host", "address to listen on (default: %(default)s; 0.0.0.0 exposes it to "
+                  "the network)")
+    add("--port", "port to listen on, 0 for any free one (default: %(default)s)")
+    add("--workers", "evaluations at once (default: the CPUs, %(default)s)")
+    add("--max-queue", "requests that may wait for a worker (default: 8 per worker)")
+    add("--max-wait", "seconds a request may wait for a worker (default: %(default)s)")
+    add("--config", "nsjail config (default: snekbox.cfg beside snekbox.py)")
+    add("--nsjail", "nsjail binary (default: found on PATH or in sbin/bin)")
+    add("--max-output-size", "bytes of output kept; more kills the jail (default: %(default)s)")
+    add("--max-request-size", "largest request body in bytes (default: %(default)s)")
+    add("--memfs-size", "bytes of each evaluation's /home tmpfs (default: %(default)s)")
+    add("--files-limit", "most files sent in or returned (default: %(default)s)")
+    add("--files-timeout", "seconds for collecting output files (default: %(default)s)")
+    add("--user-base", "folder of third-party packages (a PYTHONUSERBASE), read-only in "
+                       "the jail")
+    add("--client-timeout", "seconds a client may take to send a request, or stay idle "
+                            "(default: %(default)s)")
+    add("--max-connections", "open connections at most (default: %(default)s)")
+    add("--log-level", "DEBUG, INFO, WARNING or ERROR (default: %(default)s)")
+    return p
+
+
+def settings_from_args(argv: Sequence[str] | None = None) -> Settings:
+    """Parse the command line (and environment) into Settings; exit 2 on bad values."""
+    parser = build_arg_parser()
+    ns = parser.parse_args(argv)
+    positive = ("workers", "max_output_size", "max_request_size", "memfs_size",
+                "max_connections", "client_timeout", "files_timeout")
+    for name in positive:
+        if getattr(ns, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    if ns.max_queue < 0 or ns.max_wait < 0 or ns.files_limit < 0:
+        parser.error("--max-queue, --max-wait and --files-limit can't be negative")
+    if ns.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        parser.error("--log-level must be DEBUG, INFO, WARNING or ERROR")
+    return Settings(**{**vars(ns), "log_level": ns.log_level.upper()})
+
+
+def self_test(sandbox: Sandbox) -> None:
+    """Run one tiny evaluation; raise SetupError saying what failed."""
+    try:
+        result = sandbox.run(["-c", "print('ok')"])
+    except (SandboxUnavailable, InvalidRequest) as e:
+        raise SetupError(f"the self-test evaluation failed: {e}") from e
+    if result.returncode != 0 or result.stdout != "ok\n":
+        raise SetupError("the self-test evaluation failed: "
+                         f"{result.error or result.stdout.strip() or result.returncode}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Start the server; return the exit status (0 after SIGTERM or SIGINT)."""
+    settings = settings_from_args(argv)
+    logging.basicConfig(level=settings.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.log_level != "DEBUG":
+        nsjail_log.setLevel(logging.WARNING)    # nsjail's INFO: a dozen lines per run
+    try:
+        if os.geteuid() != 0:
+            raise SetupError("snekbox must run as root: nsjail needs it for namespaces, "
+                             "cgroups and mounts")
+        sandbox = Sandbox(settings.config, settings.nsjail,
+                          max_output_size=settings.max_output_size,
+                          memfs_size=settings.memfs_size, files_limit=settings.files_limit,
+                          files_timeout=settings.files_timeout, user_base=settings.user_base)
+        self_test(sandbox)
+        try:
+            server = SnekboxServer(settings, sandbox)
+        except OSError as e:
+            raise SetupError(f"cannot listen on {settings.host}:{settings.port}: {e.strerror}") from e
+    except (SetupError, OSError) as e:
+        log.critical("%s", e)
+        return 1
+
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    thread = threading.Thread(target=server.serve_forever, name="accept", daemon=True)
+    thread.start()
+    host, port = server.server_address[:2]
+    log.info("snekbox listening on http://%s:%d with %d workers (nsjail %s, cgroup v%d)",
+             f"[{host}]" if ":" in host else host, port, settings.workers, sandbox.nsjail,
+             sandbox.cgroups.version)
+    while not stop.wait(3600):
+        pass
+    log.info("stopping: finishing running evaluations")
+    server.stopping = True
+    server.slots.close()
+    server.shutdown()
+    if not server.slots.wait_idle(sandbox.time_limit + 2 * KILL_GRACE):
+        log.warning("evaluations still running at exit")
+    server.server_close()
+    sandbox.close()
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

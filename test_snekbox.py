@@ -1,0 +1,1029 @@
+"""Tests for snekbox: unit tests, and integration tests through real HTTP and real nsjail.
+
+Run as root on a host with nsjail (see README.md):
+
+    python3 -m unittest -v test_snekbox
+
+The integration tests start the real server on a free loopback port. Escape tests aim
+at canary files in a temporary folder, never at real system files.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+import unittest.mock
+from concurrent.futures import ThreadPoolExecutor
+
+import snekbox
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SNEKBOX = os.path.join(HERE, "snekbox.py")
+JAIL_PYTHON = "/usr/bin/python3"
+
+
+def b64(data: bytes | str) -> str:
+    if isinstance(data, str):
+        data = data.encode()
+    return base64.b64encode(data).decode()
+
+
+def jail_python_version() -> str:
+    out = subprocess.run([JAIL_PYTHON, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                         capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+# --------------------------------------------------------------------------------------
+# A real server in a subprocess
+# --------------------------------------------------------------------------------------
+
+class Server:
+    """snekbox.py started on a free loopback port, with its log collected."""
+
+    def __init__(self, *flags: str):
+        self.proc = subprocess.Popen(
+            [sys.executable, SNEKBOX, "--port", "0", *flags],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.log: list[str] = []
+        self.port = None
+        deadline = time.monotonic() + 30
+        for line in self.proc.stderr:
+            self.log.append(line)
+            match = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
+            if match:
+                self.port = int(match[1])
+                break
+            if time.monotonic() > deadline:
+                break
+        if self.port is None:
+            self.proc.kill()
+            raise RuntimeError("server did not start:\n" + "".join(self.log))
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+        self._reader.start()
+
+    def _drain(self) -> None:
+        for line in self.proc.stderr:
+            self.log.append(line)
+
+    def connection(self, timeout: float = 30) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                headers: dict | None = None) -> tuple[int, dict, dict | None]:
+        conn = self.connection()
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            response = conn.getresponse()
+            raw = response.read()
+            data = json.loads(raw) if raw else None
+            return response.status, dict(response.getheaders()), data
+        finally:
+            conn.close()
+
+    def eval(self, **body) -> dict:
+        status, _, data = self.post(body)
+        assert status == 200, (status, data)
+        return data
+
+    def post(self, body: dict) -> tuple[int, dict, dict | None]:
+        return self.request("POST", "/eval", json.dumps(body).encode(),
+                            {"Content-Type": "application/json"})
+
+    def raw(self, data: bytes, timeout: float = 10) -> bytes:
+        """Send raw bytes; return all the server answers until it closes or goes quiet."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as s:
+            s.sendall(data)
+            chunks = []
+            try:
+                while True:
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+            except socket.timeout:
+                pass
+            return b"".join(chunks)
+
+    def stop(self, sig: int = 15) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=30)
+        finally:
+            self._reader.join(5)
+            self.proc.stderr.close()
+
+    def memfs_root(self) -> str:
+        return os.path.join(snekbox.DEFAULT_MEMFS_ROOT, f"{self.proc.pid}-1")
+
+
+def mounts_below(folder: str) -> list[str]:
+    with open("/proc/mounts") as f:
+        return [line.split()[1] for line in f if line.split()[1].startswith(folder + "/")]
+
+
+class ServerTestCase(unittest.TestCase):
+    """Shares one default server across a class; checks nothing stays mounted."""
+
+    flags: tuple[str, ...] = ()
+    server: Server
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.server = Server("--workers", "2", *cls.flags)
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        root = cls.server.memfs_root()
+        code = cls.server.stop()
+        assert code == 0, f"server exited with {code}"
+        assert not mounts_below(root), mounts_below(root)
+
+    def tearDown(self) -> None:
+        # Every evaluation's tmpfs is gone once its answer is sent.
+        self.assertEqual(mounts_below(self.server.memfs_root()), [])
+
+    def run_code(self, code: str, **extra) -> dict:
+        return self.server.eval(input=code, **extra)
+
+
+# --------------------------------------------------------------------------------------
+# Unit tests
+# --------------------------------------------------------------------------------------
+
+class TextprotoTests(unittest.TestCase):
+    def test_scalars_messages_and_comments(self):
+        fields = snekbox.parse_textproto('''
+            # comment
+            name: "a\\"b\\n" 'c'   # adjacent strings join
+            time_limit: 6
+            mode: ONCE;
+            mount { src: "/x" dst: "/y" is_bind: true }
+            mount: < dst: "/z" >
+            exec_bin { path: "/usr/bin/python3" arg: "-X" arg: "utf8" }
+        ''')
+        self.assertEqual(fields["name"], ['a"b\nc'])
+        self.assertEqual(fields["time_limit"], ["6"])
+        self.assertEqual(fields["mode"], ["ONCE"])
+        self.assertEqual(fields["mount"], [{"src": ["/x"], "dst": ["/y"], "is_bind": ["true"]},
+                                           {"dst": ["/z"]}])
+        self.assertEqual(fields["exec_bin"][0]["arg"], ["-X", "utf8"])
+
+    def test_octal_and_hex_escapes(self):
+        self.assertEqual(snekbox.parse_textproto(r'a: "\101\x42"')["a"], ["AB"])
+
+    def test_syntax_errors_name_the_line(self):
+        for text in ('a: {', 'a b c: "', '\n\n: 1', 'a { b: 1 ] }'):
+            with self.subTest(text=text), self.assertRaises(ValueError):
+                snekbox.parse_textproto(text)
+        with self.assertRaisesRegex(ValueError, "line 3"):
+            snekbox.parse_textproto('a: 1\nb: 2\n: 3')
+
+
+class JailConfigTests(unittest.TestCase):
+    def test_reads_the_shipped_config(self):
+        cfg = snekbox.JailConfig.from_file(snekbox.DEFAULT_CONFIG)
+        self.assertEqual(cfg.time_limit, 6)
+        self.assertEqual(cfg.exec_path, "/usr/bin/python3")
+        self.assertEqual(cfg.mem_max, 70 * snekbox.MiB)
+        self.assertEqual(cfg.mem_swap_max, 0)
+        self.assertEqual(cfg.pids_max, 15)
+        self.assertIn("/usr/bin/python3", [m.dst for m in cfg.mounts])
+
+    def test_host_path_follows_bind_mounts(self):
+        cfg = self.config('mount { src: "/opt/py" dst: "/snekbin" is_bind: true }\n'
+                          'mount { dst: "/home" fstype: "tmpfs" }\n')
+        self.assertEqual(cfg.host_path("/snekbin/bin/python"), "/opt/py/bin/python")
+        self.assertEqual(cfg.host_path("/snekbin"), "/opt/py")
+        self.assertIsNone(cfg.host_path("/snekbinx/python"))
+        self.assertIsNone(cfg.host_path("/home/x"))
+
+    def test_missing_exec_bin_or_bad_number(self):
+        with self.assertRaisesRegex(ValueError, "exec_bin"):
+            self.config("", exec_bin=False)
+        with self.assertRaisesRegex(ValueError, "time_limit"):
+            self.config("time_limit: soon\n")
+
+    def config(self, text: str, exec_bin: bool = True) -> snekbox.JailConfig:
+        with tempfile.NamedTemporaryFile("w", suffix=".cfg", delete=False) as f:
+            f.write(text + ('exec_bin { path: "/usr/bin/python3" }' if exec_bin else ""))
+        self.addCleanup(os.unlink, f.name)
+        return snekbox.JailConfig.from_file(f.name)
+
+
+class FakeCgroupTests(unittest.TestCase):
+    """prepare_cgroups on fake cgroup trees (the v2 path can't run for real here)."""
+
+    def setUp(self):
+        self.root = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.root)
+        self.swaps = os.path.join(self.root, "swaps")
+        self.write(self.swaps, "Filename Type Size Used Priority\n")
+
+    def write(self, path: str, text: str) -> None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text)
+
+    def read(self, path: str) -> str:
+        with open(path) as f:
+            return f.read()
+
+    def config(self, **overrides) -> snekbox.JailConfig:
+        cfg = snekbox.JailConfig.from_file(snekbox.DEFAULT_CONFIG)
+        values = {**cfg.__dict__, "mem_mount": f"{self.root}/memory",
+                  "pids_mount": f"{self.root}/pids", "cgroupv2_mount": self.root, **overrides}
+        return snekbox.JailConfig(**values)
+
+    def test_v1_creates_parents_and_keeps_the_swap_limit(self):
+        os.makedirs(f"{self.root}/pids")
+        self.write(f"{self.root}/memory/memory.memsw.limit_in_bytes", "0")
+        setup = snekbox.prepare_cgroups(self.config(), self.root, self.swaps)
+        self.assertEqual(setup.version, 1)
+        self.assertTrue(os.path.isdir(f"{self.root}/memory/NSJAIL"))
+        self.assertTrue(os.path.isdir(f"{self.root}/pids/NSJAIL"))
+        self.assertTrue(setup.swap_limited)
+        self.assertEqual(setup.nsjail_args, ())
+
+    def test_v1_without_swap_controller_drops_the_swap_limit_and_warns(self):
+        os.makedirs(f"{self.root}/memory")
+        os.makedirs(f"{self.root}/pids")
+        self.write(self.swaps, "Filename\n/swapfile file 100 0 -2\n")
+        with self.assertLogs("snekbox", "WARNING") as logs:
+            setup = snekbox.prepare_cgroups(self.config(), self.root, self.swaps)
+        self.assertFalse(setup.swap_limited)
+        self.assertEqual(setup.nsjail_args,
+                         ("--cgroup_mem_memsw_max", "0", "--cgroup_mem_swap_max", "-1"))
+        self.assertTrue(any("swap is on" in line for line in logs.output))
+
+    def test_v1_missing_controller_is_an_error(self):
+        os.makedirs(f"{self.root}/pids")
+        with self.assertRaisesRegex(snekbox.SetupError, "memory controller is not mounted"):
+            snekbox.prepare_cgroups(self.config(), self.root, self.swaps)
+
+    def test_v2_enables_controllers_after_moving_processes(self):
+        self.write(f"{self.root}/cgroup.controllers", "cpu memory pids io\n")
+        self.write(f"{self.root}/cgroup.procs", "1\n42\n")
+        control = f"{self.root}/cgroup.subtree_control"
+        self.write(control, "")
+        busy = {"left": 1}
+        real_open = open
+
+        def fake_open(path, mode="r", *args, **kwargs):
+            # The kernel refuses controllers while the group has processes (EBUSY).
+            if path == control and "w" in mode and busy["left"]:
+                busy["left"] -= 1
+                raise OSError(16, "Device or resource busy")
+            return real_open(path, mode, *args, **kwargs)
+
+        self.write(f"{self.root}/system.slice/memory.swap.max", "max")
+        with unittest.mock.patch("builtins.open", fake_open):
+            setup = snekbox.prepare_cgroups(self.config(), self.root, self.swaps)
+        self.assertEqual(setup.version, 2)
+        self.assertEqual(setup.nsjail_args, ("--use_cgroupv2",))
+        self.assertTrue(setup.swap_limited)
+        self.assertEqual(self.read(control), "+memory +pids")
+        self.assertEqual(self.read(f"{self.root}/snekbox-init/cgroup.procs"), "42")
+
+    def test_v2_already_enabled_is_left_alone(self):
+        self.write(f"{self.root}/cgroup.controllers", "memory pids\n")
+        self.write(f"{self.root}/cgroup.subtree_control", "memory pids\n")
+        os.makedirs(f"{self.root}/other")     # no memory.swap.max: no swap accounting
+        with self.assertLogs("snekbox", "WARNING"):
+            setup = snekbox.prepare_cgroups(self.config(), self.root, self.swaps)
+        self.assertFalse(os.path.exists(f"{self.root}/snekbox-init"))
+        self.assertEqual(setup.nsjail_args, ("--use_cgroupv2", "--cgroup_mem_memsw_max", "0",
+                                             "--cgroup_mem_swap_max", "-1"))
+
+    def test_v2_missing_controller_is_an_error(self):
+        self.write(f"{self.root}/cgroup.controllers", "cpu io\n")
+        with self.assertRaisesRegex(snekbox.SetupError, "memory pids"):
+            snekbox.prepare_cgroups(self.config(), self.root, self.swaps)
+
+    def test_stale_groups_of_dead_nsjails_are_removed(self):
+        dead = f"{self.root}/NSJAIL/NSJAIL.{2 ** 22 + 7}"    # above pid_max
+        alive = f"{self.root}/NSJAIL/NSJAIL.{os.getpid()}"
+        os.makedirs(dead)
+        os.makedirs(alive)
+        self.assertEqual(snekbox.remove_stale_cgroups([f"{self.root}/NSJAIL"]), 1)
+        self.assertFalse(os.path.exists(dead))
+        self.assertTrue(os.path.exists(alive))
+
+
+class NsjailLogTests(unittest.TestCase):
+    def test_return_codes_like_a_shell(self):
+        cases = {
+            b"[I][2026-01-01T00:00:00+0000] pid=7 ([STANDALONE MODE]) exited with status: 3, "
+            b"(PIDs left: 0)": 3,
+            b"[I][2026-01-01T00:00:00+0000] pid=7 ([STANDALONE MODE]) terminated with signal: "
+            b"SIGSEGV (11), (PIDs left: 0)": 139,
+        }
+        for line, code in cases.items():
+            with self.subTest(code=code):
+                self.assertEqual(snekbox.read_nsjail_log(line).child_status, code)
+        self.assertEqual(snekbox.shell_status(-9), 137)
+        self.assertEqual(snekbox.shell_status(2), 2)
+
+    def test_time_limit_and_errors(self):
+        data = (b"[I][t] pid=7 run time >= time limit (6 >= 6) ([STANDALONE MODE]). Killing it\n"
+                b"[I][t] pid=7 ([STANDALONE MODE]) terminated with signal: SIGKILL (9), (PIDs left: 0)\n"
+                b"[E][t][1] initParent():452 Couldn't initialize cgroup\n")
+        with self.assertLogs("snekbox.nsjail", "DEBUG") as logs:
+            report = snekbox.read_nsjail_log(data)
+        self.assertTrue(report.timed_out)
+        self.assertEqual(report.child_status, 137)
+        self.assertEqual(report.errors, ["Couldn't initialize cgroup"])
+        self.assertIn("ERROR:snekbox.nsjail:Couldn't initialize cgroup", logs.output)
+
+    def test_missing_optional_mounts_are_quiet(self):
+        line = b"[W][t][1] mountSinglePoint():229 mount('/usr/lib/python3.99' -> '/x'): No such file"
+        with self.assertLogs("snekbox.nsjail", "DEBUG") as logs:
+            snekbox.read_nsjail_log(line, quiet=["/usr/lib/python3.99"])
+        self.assertTrue(logs.output[0].startswith("DEBUG:"))
+
+
+class RequestParsingTests(unittest.TestCase):
+    def parse(self, data) -> snekbox.EvalRequest:
+        return snekbox.parse_eval_request(json.dumps(data).encode())
+
+    def assertBad(self, body, field: str, status: int = 400):
+        with self.assertRaises(snekbox.HTTPError) as caught:
+            snekbox.parse_eval_request(body if isinstance(body, bytes) else json.dumps(body).encode())
+        self.assertEqual(caught.exception.status, status)
+        self.assertIn(field, caught.exception.description)
+
+    def test_input_is_appended_to_args(self):
+        self.assertEqual(self.parse({"input": "print(1)"}).args, ["-c", "print(1)"])
+        self.assertEqual(self.parse({"input": "x", "args": ["-u", "-c"]}).args, ["-u", "-c", "x"])
+        self.assertEqual(self.parse({"args": ["-m", "timeit"]}).args, ["-m", "timeit"])
+        self.assertEqual(self.parse({"args": []}).args, [])
+
+    def test_stdin_files_executable(self):
+        request = self.parse({"input": "", "stdin": "a\0b",
+                              "files": [{"path": "./d/../x.py", "content": b64("hi")},
+                                        {"path": "empty"}],
+                              "executable_path": "/usr/bin/python3"})
+        self.assertEqual(request.stdin, b"a\0b")
+        self.assertEqual(request.files, [snekbox.File("x.py", b"hi"), snekbox.File("empty", b"")])
+        self.assertEqual(request.executable_path, "/usr/bin/python3")
+
+    def test_bad_bodies(self):
+        self.assertBad(b"{", "not valid JSON")
+        self.assertBad(b"\xff\xfe\x00", "not valid JSON")
+        self.assertBad(b"[" * 100000 + b"]" * 100000, "nested too deeply")
+        self.assertBad([], "JSON object")
+        self.assertBad({}, "input or args")
+        self.assertBad({"input": 1}, "input must be a string")
+        self.assertBad({"args": "-c"}, "args must be an array")
+        self.assertBad({"args": ["-c", None]}, "args[1]")
+        self.assertBad({"input": "a\0b"}, "input must not contain a NUL")
+        self.assertBad({"args": ["\0"]}, "args[0]")
+        self.assertBad(b'{"input": "\\ud800"}', "lone surrogate")
+        self.assertBad({"input": "", "stdin": 5}, "stdin")
+        self.assertBad({"input": "", "executable_path": ["x"]}, "executable_path")
+        self.assertBad({"input": "", "executable_path": "/a\0"}, "executable_path")
+
+    def test_bad_files(self):
+        self.assertBad({"input": "", "files": {}}, "files must be an array")
+        self.assertBad({"input": "", "files": ["x"]}, "files[0]")
+        self.assertBad({"input": "", "files": [{"content": ""}]}, "files[0].path is required")
+        for path in ("/etc/passwd", "../x", "a/../../x", "", ".", "a/", "a\0b"):
+            with self.subTest(path=path):
+                self.assertBad({"input": "", "files": [{"path": path}]}, "files[0].path")
+        self.assertBad({"input": "", "files": [{"path": "a", "content": "!!"}]}, "base64")
+        self.assertBad({"input": "", "files": [{"path": "a"}, {"path": "./a"}]}, "twice")
+        self.assertBad({"input": "", "files": [{"path": str(i)} for i in range(101)]},
+                       "at most 100")
+
+    def test_code_argument_index(self):
+        self.assertEqual(snekbox.code_argument_index(["-c", "x"]), 1)
+        self.assertEqual(snekbox.code_argument_index(["-X", "utf8", "-u", "-c", "x", "y"]), 4)
+        self.assertIsNone(snekbox.code_argument_index(["-m", "mod", "-c", "x"]))
+        self.assertIsNone(snekbox.code_argument_index(["main.py", "-c", "x"]))
+        self.assertIsNone(snekbox.code_argument_index(["-c"]))
+
+
+class SettingsTests(unittest.TestCase):
+    def test_flags_and_environment(self):
+        with unittest.mock.patch.dict(os.environ, {"SNEKBOX_PORT": "9000",
+                                                   "SNEKBOX_WORKERS": "3"}):
+            settings = snekbox.settings_from_args(["--workers", "5"])
+        self.assertEqual((settings.port, settings.workers, settings.host), (9000, 5, "127.0.0.1"))
+        self.assertEqual(settings.queue_limit, 40)
+
+    def test_bad_values_exit_2(self):
+        for argv, env in ((["--workers", "0"], {}), ([], {"SNEKBOX_PORT": "http"}),
+                          (["--log-level", "LOUD"], {})):
+            with self.subTest(argv=argv, env=env), \
+                    unittest.mock.patch.dict(os.environ, env), \
+                    unittest.mock.patch("sys.stderr"), self.assertRaises(SystemExit) as caught:
+                snekbox.settings_from_args(argv)
+            self.assertEqual(caught.exception.code, 2)
+
+
+class WorkerSlotsTests(unittest.TestCase):
+    def test_queue_limit_and_first_come_first_served(self):
+        slots = snekbox.WorkerSlots(workers=1, max_queue=3, max_wait=10)
+        slots.acquire()
+        order = []
+
+        def waiter(name):
+            slots.acquire()
+            order.append(name)
+            slots.release()
+
+        threads = []
+        for name in "abc":
+            threads.append(threading.Thread(target=waiter, args=(name,)))
+            threads[-1].start()
+            while slots.waiting < len(threads):
+                time.sleep(0.001)
+        with self.assertRaises(snekbox.Busy):
+            slots.acquire()             # the queue is full
+        slots.release()
+        for t in threads:
+            t.join(5)
+        self.assertEqual(order, ["a", "b", "c"])
+        self.assertEqual((slots.running, slots.waiting), (0, 0))
+
+    def test_wait_limit_and_close(self):
+        slots = snekbox.WorkerSlots(workers=1, max_queue=5, max_wait=0.05)
+        slots.acquire()
+        with self.assertRaises(snekbox.Busy):
+            slots.acquire()
+        with self.assertRaises(snekbox.Busy):
+            slots.acquire(gone=lambda: True)
+        slots.close()
+        slots.release()
+        with self.assertRaises(snekbox.Busy):
+            slots.acquire()
+        self.assertTrue(slots.wait_idle(0))
+
+
+# --------------------------------------------------------------------------------------
+# Integration: the jail
+# --------------------------------------------------------------------------------------
+
+class EvalTests(ServerTestCase):
+    def test_print(self):
+        result = self.run_code("print('hello')")
+        self.assertEqual((result["stdout"], result["returncode"], result["files"]),
+                         ("hello\n", 0, []))
+        self.assertFalse(result["timed_out"] or result["truncated"])
+        self.assertIsNone(result["error"])
+
+    def test_stdout_and_stderr_in_order(self):
+        result = self.run_code("import sys\nprint(1)\nprint(2, file=sys.stderr)\nprint(3)")
+        self.assertEqual(result["stdout"], "1\n2\n3\n")
+
+    def test_traceback_and_exit_codes(self):
+        result = self.run_code("1/0")
+        self.assertEqual(result["returncode"], 1)
+        self.assertEqual(result["stdout"], 'Traceback (most recent call last):\n'
+                         '  File "<string>", line 1, in <module>\n'
+                         'ZeroDivisionError: division by zero\n')
+        self.assertEqual(self.run_code("raise SystemExit(42)")["returncode"], 42)
+        segfault = self.run_code("import ctypes; ctypes.string_at(0)")
+        self.assertEqual(segfault["returncode"], 139)
+
+    def test_stdin(self):
+        result = self.run_code("import sys; print(repr(sys.stdin.read()))", stdin="a\nb\0ü")
+        self.assertEqual(result["stdout"], "'a\\nb\\x00ü'\n")
+        self.assertEqual(self.run_code("print(repr(input()))", stdin="line\n")["stdout"],
+                         "'line'\n")
+        empty = self.run_code("import sys; print(repr(sys.stdin.read()))")
+        self.assertEqual(empty["stdout"], "''\n")
+
+    def test_large_stdin(self):
+        data = "x" * (3 * 1024 * 1024)
+        result = self.run_code("import sys; print(len(sys.stdin.read()))", stdin=data)
+        self.assertEqual(result["stdout"], f"{len(data)}\n")
+
+    def test_args_mode(self):
+        result = self.server.eval(args=["-m", "timeit", "-n", "10", "1+1"])
+        self.assertEqual(result["returncode"], 0)
+        self.assertIn("10 loops", result["stdout"])
+        argv = self.server.eval(args=["-c", "import sys; print(sys.argv)", "a", "b"])
+        self.assertEqual(argv["stdout"], "['-c', 'a', 'b']\n")
+        from_stdin = self.server.eval(args=[], stdin="print(6 * 7)")
+        self.assertEqual(from_stdin["stdout"], "42\n")
+
+    def test_code_larger_than_one_argument(self):
+        code = "x = 1\n" * 30000 + "import sys\nprint(len(sys.argv), sys.argv[1:], x)\n1/0\n"
+        self.assertGreater(len(code), 128 * 1024)
+        result = self.server.eval(args=["-c", code, "extra"])
+        self.assertEqual(result["stdout"].splitlines()[0], "2 ['extra'] 1")
+        self.assertEqual(result["stdout"].splitlines()[1:], [
+            "Traceback (most recent call last):",
+            '  File "<string>", line 30003, in <module>',
+            "ZeroDivisionError: division by zero"])
+        self.assertEqual(result["returncode"], 1)
+        exit_code = self.server.eval(input="#" * 200000 + "\nraise SystemExit(3)")
+        self.assertEqual(exit_code["returncode"], 3)
+
+    def test_huge_arguments_are_413(self):
+        status, _, data = self.server.post({"args": ["-m", "timeit", "x" * 200000]})
+        self.assertEqual(status, 413)
+        self.assertIn("131071 bytes", data["description"])
+        status, _, data = self.server.post({"args": ["-c", "pass"] + ["x" * 1000] * 1100})
+        self.assertEqual(status, 413)
+
+    def test_output_that_is_not_utf8(self):
+        result = self.run_code("import sys; sys.stdout.buffer.write(b'a\\xff\\xfeb\\n')")
+        self.assertEqual(result["stdout"], "a\ufffd\ufffdb\n")
+
+    def test_uid_and_environment(self):
+        result = self.run_code("import os, json; print(json.dumps([os.getuid(), os.getgid(), "
+                               "os.getcwd(), dict(os.environ)]))")
+        uid, gid, cwd, env = json.loads(result["stdout"])
+        self.assertEqual((uid, gid, cwd), (65534, 65534, "/home"))
+        self.assertEqual(env["HOME"], "/home")
+        self.assertNotIn("SNEKBOX", json.dumps(env))
+        self.assertEqual(set(env), {"LANG", "PYTHONIOENCODING", "PYTHONUNBUFFERED",
+                                    "PYTHONDONTWRITEBYTECODE", "HOME", "PATH", "PYTHONUSERBASE"})
+
+    def test_system_paths_are_read_only_and_sparse(self):
+        code = """
+import os
+for path in ("/usr/lib/snekbox-canary", "/etc/snekbox-canary", "/snekbox-canary"):
+    try:
+        open(path, "w")
+        print("wrote", path)
+    except OSError as e:
+        print("refused", e.errno)
+print(sorted(os.listdir("/")))
+print([p for p in ("/bin/sh", "/usr/bin/sh", "/bin/bash", "/usr/bin/env", "/proc/1")
+       if os.path.exists(p)])
+"""
+        lines = self.run_code(code)["stdout"].splitlines()
+        self.assertEqual(lines[:3], ["refused 30", "refused 30", "refused 30"])
+        self.assertLessEqual(set(eval(lines[3])), {"dev", "etc", "home", "lib", "lib64", "snekbin",
+                                                   "snekbox", "usr"})
+        self.assertEqual(lines[4], "[]")
+
+    def test_no_network(self):
+        code = """
+import socket
+print(socket.if_nameindex())
+for host in ("127.0.0.1", "::1"):     # the server itself listens there, outside
+    try:
+        socket.create_connection((host, %d), timeout=2)
+        print("connected")
+    except OSError as e:
+        print(type(e).__name__, e.errno)
+""" % self.server.port
+        lines = self.run_code(code)["stdout"].splitlines()
+        self.assertEqual(lines[0], "[(1, 'lo')]")
+        self.assertEqual(lines[1], "OSError 101")      # network unreachable
+        self.assertIn(lines[2], ("OSError 101", "OSError 99"))
+
+    def test_no_new_namespaces(self):
+        code = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+for flag in (0x10000000, 0x20000, 0x40000000):       # user, mount, network
+    print(libc.unshare(flag), ctypes.get_errno())
+print(libc.syscall(435, 0, 0), ctypes.get_errno())   # clone3: ENOSYS
+pid = os.fork()                                      # plain fork still works
+if pid == 0:
+    os._exit(7)
+print(os.waitpid(pid, 0)[1] >> 8)
+"""
+        self.assertEqual(self.run_code(code)["stdout"].splitlines(),
+                         ["-1 1", "-1 1", "-1 1", "-1 38", "7"])
+
+    def test_time_limit(self):
+        result = self.run_code("import time\nprint('start', flush=True)\ntime.sleep(30)")
+        self.assertEqual(result["returncode"], 137)
+        self.assertTrue(result["timed_out"])
+        self.assertEqual(result["stdout"], "start\n")
+        self.assertLess(result["duration"], 6 + snekbox.KILL_GRACE)
+
+    def test_memory_limit(self):
+        result = self.run_code("x = bytearray(200 * 1024 * 1024)\nprint('survived')")
+        self.assertEqual(result["returncode"], 137)
+        self.assertFalse(result["timed_out"])
+        self.assertEqual(result["stdout"], "")
+        ok = self.run_code("x = bytearray(30 * 1024 * 1024); print(len(x))")
+        self.assertEqual(ok["returncode"], 0)
+
+    def test_fork_bomb_is_contained(self):
+        code = """
+import os, time
+n = 0
+for _ in range(1000):
+    try:
+        if os.fork() == 0:
+            time.sleep(30)
+            os._exit(0)
+        n += 1
+    except OSError:
+        break
+print(n, flush=True)
+"""
+        with ThreadPoolExecutor(2) as pool:
+            bomb = pool.submit(self.run_code, code)
+            time.sleep(0.5)
+            self.assertEqual(self.run_code("print('still here')")["stdout"], "still here\n")
+            status, _, health = self.server.request("GET", "/health")
+            self.assertEqual(status, 200)
+            result = bomb.result()
+        forks = int(result["stdout"])
+        self.assertLess(forks, 15)
+
+    def test_output_truncation(self):
+        started = time.monotonic()
+        result = self.run_code("while True:\n    print('x' * 1000)")
+        self.assertLess(time.monotonic() - started, 3)     # far from the 6 s limit
+        self.assertTrue(result["truncated"])
+        self.assertFalse(result["timed_out"])
+        self.assertEqual(len(result["stdout"].encode()), 1_000_000)
+        self.assertEqual(result["returncode"], 137)
+
+    def test_concurrent_requests_beyond_workers(self):
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(lambda i: self.run_code(f"import time; time.sleep(0.3); print({i})"),
+                                    range(4)))
+        self.assertEqual([r["stdout"] for r in results], [f"{i}\n" for i in range(4)])
+
+    def test_no_code_in_the_log_at_info(self):
+        self.run_code("print('secret-code-marker')")
+        time.sleep(0.1)
+        self.assertFalse(any("secret-code-marker" in line for line in self.server.log))
+        self.assertTrue(any("evaluation: returncode=0" in line for line in self.server.log))
+
+
+# --------------------------------------------------------------------------------------
+# Integration: HTTP
+# --------------------------------------------------------------------------------------
+
+class HTTPTests(ServerTestCase):
+    def test_health(self):
+        status, headers, data = self.server.request("GET", "/health")
+        self.assertEqual(status, 200)
+        self.assertEqual(headers["Content-Type"], "application/json")
+        self.assertEqual((data["ready"], data["workers"], data["running"], data["waiting"]),
+                         (True, 2, 0, 0))
+
+    def test_keep_alive_reuses_the_connection(self):
+        conn = self.server.connection()
+        body = json.dumps({"input": "print(1)"}).encode()
+        sockets = []
+        for _ in range(3):
+            conn.request("POST", "/eval", body, {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            self.assertEqual(json.loads(response.read())["stdout"], "1\n")
+            sockets.append(conn.sock)
+        conn.request("GET", "/health")
+        self.assertEqual(conn.getresponse().status, 200)
+        self.assertIs(sockets[0], sockets[2])
+        self.assertIsNotNone(conn.sock)
+        conn.close()
+
+    def test_pipelined_requests(self):
+        body = b'{"input":"print(5)"}'
+        one = (b"POST /eval HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        answer = self.server.raw(one + b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        self.assertEqual(answer.count(b"HTTP/1.1 200 OK"), 2, answer)
+        self.assertIn(b'"stdout":"5\\n"', answer)
+
+    def assertError(self, status: int, expected: int, data: dict, text: str = "") -> None:
+        self.assertEqual(status, expected, data)
+        self.assertEqual(set(data), {"title", "description"})
+        self.assertIn(text, data["description"])
+
+    def test_bad_requests_get_4xx_and_the_server_keeps_serving(self):
+        json_type = {"Content-Type": "application/json"}
+        cases = [
+            (("POST", "/eval", b'{"input": 1}', json_type), 400, "input must be a string"),
+            (("POST", "/eval", b"{}", json_type), 400, "input or args"),
+            (("POST", "/eval", b"nope", json_type), 400, "not valid JSON"),
+            (("POST", "/eval", b'{"input": "x"}', {"Content-Type": "text/plain"}), 415, "JSON"),
+            (("POST", "/eval", b'{"input": "x"}', {}), 415, "JSON"),
+            (("POST", "/nope", b"", json_type), 404, "/nope"),
+            (("GET", "/eval", None, {}), 405, "POST"),
+            (("DELETE", "/health", None, {}), 405, "GET"),
+            (("POST", "/eval", b"[" * 50000, json_type), 400, "nested too deeply"),
+            (("POST", "/eval", b'{"input": "a\\u0000"}', json_type), 400, "NUL"),
+            (("POST", "/eval", b'{"input": "", "files": [{"path": "../x"}]}', json_type), 400,
+             "files[0].path"),
+            (("POST", "/eval", b'{"input": "", "executable_path": "/nope/python"}', json_type),
+             400, "does not exist"),
+        ]
+        for (method, path, body, headers), expected, text in cases:
+            with self.subTest(method=method, path=path, body=body and body[:40]):
+                status, response_headers, data = self.server.request(method, path, body, headers)
+                self.assertError(status, expected, data, text)
+                if expected == 405:
+                    self.assertIn("Allow", response_headers)
+        self.assertEqual(self.run_code("print('alive')")["stdout"], "alive\n")
+
+    def test_length_problems(self):
+        no_length = self.server.raw(b"POST /eval HTTP/1.1\r\nHost: x\r\n"
+                                    b"Content-Type: application/json\r\n\r\n")
+        self.assertTrue(no_length.startswith(b"HTTP/1.1 411 "), no_length)
+        too_big = self.server.raw(b"POST /eval HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                                  b"\r\nContent-Length: 999999999\r\n\r\n{")
+        self.assertTrue(too_big.startswith(b"HTTP/1.1 413 "), too_big)
+        self.assertIn(b'"description"', too_big)
+        bad = self.server.raw(b"POST /eval HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                              b"\r\nContent-Length: -5\r\n\r\n")
+        self.assertTrue(bad.startswith(b"HTTP/1.1 400 "), bad)
+
+    def test_chunked_body(self):
+        body = b'{"input": "print(\'chunked\')"}'
+        chunks = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in (body[:10], body[10:])) + b"0\r\n\r\n"
+        answer = self.server.raw(b"POST /eval HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                                 b"\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + chunks)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer)
+        self.assertIn(b"chunked\\n", answer)
+
+    def test_garbage_gets_a_json_error(self):
+        for raw in (b"\x00\x01\x02 garbage\r\n\r\n", b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n",
+                    b"BREW /eval HTTP/1.1\r\n\r\n"):
+            with self.subTest(raw=raw[:20]):
+                answer = self.server.raw(raw)
+                head, _, body = answer.partition(b"\r\n\r\n")
+                self.assertRegex(head, rb"^HTTP/1\.[01] (400|414|501) ")
+                self.assertIn("title", json.loads(body))
+        self.assertEqual(self.run_code("print(1)")["stdout"], "1\n")
+
+
+class LimitsServerTests(ServerTestCase):
+    """A server with small limits, for the 413 and 503 paths."""
+
+    flags = ("--max-request-size", "2000", "--max-queue", "1", "--max-wait", "0.2",
+             "--max-output-size", "100", "--client-timeout", "1")
+
+    def test_body_that_never_arrives(self):
+        short = self.server.raw(b"POST /eval HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                                b"\r\nContent-Length: 50\r\n\r\n{}")
+        self.assertTrue(short.startswith(b"HTTP/1.1 408 "), short)
+
+    def test_body_over_the_limit(self):
+        status, _, data = self.server.post({"input": "#" * 5000})
+        self.assertEqual(status, 413)
+        self.assertIn("2000 bytes", data["description"])
+
+    def test_output_limit_flag(self):
+        result = self.run_code("print('y' * 1000)")
+        self.assertEqual(result["stdout"], "y" * 100)
+        self.assertTrue(result["truncated"])
+
+    def test_busy_gets_503_with_retry_after(self):
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(lambda _: self.server.post({"input": "import time; time.sleep(1)"}),
+                                    range(6)))
+        statuses = sorted(status for status, _, _ in answers)
+        self.assertEqual(statuses, [200, 200, 503, 503, 503, 503])
+        busy = next(a for a in answers if a[0] == 503)
+        self.assertEqual(busy[1]["Retry-After"], "1")
+        self.assertEqual(set(busy[2]), {"title", "description"})
+
+
+# --------------------------------------------------------------------------------------
+# Integration: files, interpreters and packages
+# --------------------------------------------------------------------------------------
+
+class FilesTests(ServerTestCase):
+    def setUp(self):
+        self.canary_dir = tempfile.mkdtemp(prefix="snekbox-canary-")
+        self.addCleanup(shutil.rmtree, self.canary_dir)
+        self.canary = os.path.join(self.canary_dir, "secret.txt")
+        with open(self.canary, "w") as f:
+            f.write("CANARY-SECRET")
+        os.chmod(self.canary_dir, 0o755)
+        os.chmod(self.canary, 0o644)
+
+    def assertNoCanary(self, result: dict) -> None:
+        text = json.dumps(result)
+        self.assertNotIn("CANARY-SECRET", text)
+        self.assertNotIn(b64("CANARY-SECRET")[:12], text)
+
+    def test_text_and_binary_round_trip(self):
+        binary = bytes(range(256)) * 10
+        result = self.server.eval(
+            input="import os\nfor p in ('t.txt', 'b.bin'):\n"
+                  "    data = open(p, 'rb').read()\n    open(p + '.out', 'wb').write(data)",
+            files=[{"path": "t.txt", "content": b64("héllo\n")},
+                   {"path": "b.bin", "content": b64(binary)}])
+        files = {f["path"]: f for f in result["files"]}
+        self.assertEqual(sorted(files), ["b.bin.out", "t.txt.out"])
+        self.assertEqual(base64.b64decode(files["b.bin.out"]["content"]), binary)
+        self.assertEqual(files["b.bin.out"]["size"], len(binary))
+        self.assertEqual(base64.b64decode(files["t.txt.out"]["content"]), "héllo\n".encode())
+
+    def test_multi_file_program_in_nested_folders(self):
+        files = [{"path": "main.py", "content": b64("from pkg.util import f\nprint(f())")},
+                 {"path": "pkg/__init__.py"},
+                 {"path": "pkg/util.py", "content": b64("def f():\n    return 'nested ok'")}]
+        result = self.server.eval(args=["main.py"], files=files)
+        self.assertEqual(result["stdout"], "nested ok\n")
+        self.assertEqual(result["files"], [])
+
+    def test_uploads_are_writable_and_only_changes_come_back(self):
+        result = self.server.eval(
+            input="open('changed.txt', 'a').write('!')\nimport os\nos.makedirs('new/deep')\n"
+                  "open('new/deep/x.txt', 'w').write('x')\nopen('.hidden', 'w').write('h')\n"
+                  "os.mkdir('.dir'); open('.dir/y', 'w').write('y')\n"
+                  "print(open('same.txt').read())",
+            files=[{"path": "changed.txt", "content": b64("a")},
+                   {"path": "same.txt", "content": b64("unchanged")}])
+        self.assertEqual(result["stdout"], "unchanged\n")
+        self.assertEqual([(f["path"], base64.b64decode(f["content"])) for f in result["files"]],
+                         [("changed.txt", b"a!"), ("new/deep/x.txt", b"x")])
+
+    def test_files_are_private_to_each_evaluation(self):
+        self.server.eval(input="open('mine.txt', 'w').write('1')")
+        result = self.run_code("import os; print(os.listdir('.'))")
+        self.assertEqual(result["stdout"], "[]\n")
+
+    def test_upload_conflicts_and_sizes(self):
+        status, _, data = self.server.post({"input": "", "files": [{"path": "a"}, {"path": "a/b"}]})
+        self.assertEqual(status, 400)
+        self.assertIn("'a/b'", data["description"])
+        status, _, data = self.server.post({"input": "", "files": [{"path": "x" * 300}]})
+        self.assertEqual(status, 400)
+        self.assertIn("too long", data["description"])
+
+    def test_symlinks_never_leak_host_files(self):
+        code = f"""
+import os
+os.symlink({self.canary!r}, 'file-link')
+os.symlink({self.canary_dir!r}, 'dir-link')
+os.symlink('/proc/self/environ', 'environ')
+os.symlink({os.path.abspath(__file__)!r}, 'server-file')
+os.symlink('/etc/ld.so.cache', 'inside-jail')
+os.mkdir('sub')
+os.symlink('../file-link', 'sub/again')
+"""
+        result = self.server.eval(input=code)
+        self.assertEqual(result["returncode"], 0)
+        self.assertEqual(result["files"], [])
+        self.assertNoCanary(result)
+
+    def test_special_files_are_skipped(self):
+        code = """
+import os, socket
+os.mkfifo('fifo')
+s = socket.socket(socket.AF_UNIX)
+s.bind('sock')
+try:
+    os.mknod('dev', 0o600 | 0o020000, os.makedev(1, 3))
+except OSError as e:
+    print('mknod', e.errno)
+open('regular', 'w').write('r')
+"""
+        started = time.monotonic()
+        result = self.server.eval(input=code)
+        self.assertLess(time.monotonic() - started, 3)
+        self.assertEqual(result["stdout"], "mknod 1\n")
+        self.assertEqual([f["path"] for f in result["files"]], ["regular"])
+
+    def test_hard_links_and_sparse_files_stay_within_the_size(self):
+        code = """
+import os
+with open('big', 'wb') as f:
+    f.write(os.urandom(1024 * 1024) * 20)
+for i in range(50):
+    os.link('big', f'link{i:02}')
+with open('sparse', 'wb') as f:
+    f.truncate(100 * 1024 ** 3)
+"""
+        started = time.monotonic()
+        result = self.server.eval(input=code)
+        self.assertLess(time.monotonic() - started, 5)
+        total = sum(f["size"] for f in result["files"])
+        self.assertLessEqual(total, 48 * 1024 * 1024)
+        self.assertEqual([f["path"] for f in result["files"]], ["big", "link00"])
+        self.assertIn("exceed 48 MiB", result["error"])
+
+    def test_many_files_and_deep_trees(self):
+        code = """
+import os
+for i in range(20000):
+    open(f'f{i:05}', 'w').close()
+path = '.'
+for i in range(40):
+    path += '/d'
+os.makedirs(path)
+open(path + '/deep.txt', 'w').write('deep')
+"""
+        started = time.monotonic()
+        result = self.server.eval(input=code)
+        self.assertLess(time.monotonic() - started, 6)
+        self.assertEqual(len(result["files"]), 100)
+        self.assertEqual(result["files"][0]["path"], "f00000")
+        self.assertIn("only the first 100", result["error"])
+        self.assertIn("deeper than 32", result["error"])
+
+    def test_file_name_that_is_not_utf8(self):
+        result = self.server.eval(input="open(b'bad\\xff'.decode('utf-8', 'surrogateescape'), 'w')"
+                                        ".write('x')\nopen('good', 'w').write('g')")
+        self.assertEqual([f["path"] for f in result["files"]], ["good"])
+        self.assertIn("not valid UTF-8", result["error"])
+
+    def test_home_is_limited_in_size(self):
+        result = self.run_code("with open('fill', 'wb') as f:\n"
+                               "    for _ in range(60):\n        f.write(b'x' * 1024 * 1024)")
+        self.assertNotEqual(result["returncode"], 0)
+        self.assertRegex(result["stdout"], "No space left|File too large|MemoryError")
+
+    def test_executable_path(self):
+        ok = self.server.eval(input="import sys; print(sys.executable)",
+                              executable_path="/usr/bin/python3")
+        self.assertEqual(ok["stdout"], "/usr/bin/python3\n")
+        version = jail_python_version()
+        for path, text in (("/usr/bin/python9", "does not exist"),
+                           (f"/usr/lib/python{version}", "not a regular file"),
+                           (f"/usr/lib/python{version}/os.py", "not executable"),
+                           ("python3", "absolute"),
+                           (self.canary, "does not exist")):
+            with self.subTest(path=path):
+                status, _, data = self.server.post({"input": "", "executable_path": path})
+                self.assertEqual(status, 400, data)
+                self.assertIn(text, data["description"])
+                self.assertIn("executable_path", data["description"])
+
+
+class PackagesTests(ServerTestCase):
+    """Third-party packages from a user base mounted read-only with --user-base."""
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.user_base = tempfile.mkdtemp(prefix="snekbox-userbase-")
+        site = os.path.join(cls.user_base, "lib", f"python{jail_python_version()}", "site-packages")
+        os.makedirs(os.path.join(site, "snekpkg"))
+        with open(os.path.join(site, "snekpkg", "__init__.py"), "w") as f:
+            f.write("GREETING = 'hello from a package'\n")
+        for folder, _, _ in os.walk(cls.user_base):
+            os.chmod(folder, 0o755)
+        # Writable by anyone: only the read-only mount may stop the jail writing to it.
+        os.chmod(os.path.join(site, "snekpkg", "__init__.py"), 0o666)
+        cls.flags = ("--user-base", cls.user_base)
+        super().setUpClass()
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        super().tearDownClass()
+        shutil.rmtree(cls.user_base)
+
+    def test_package_imports_and_is_read_only(self):
+        result = self.run_code("import snekpkg, site\nprint(snekpkg.GREETING)\n"
+                               "open(snekpkg.__file__, 'a')")
+        self.assertEqual(result["stdout"].splitlines()[0], "hello from a package")
+        self.assertIn("Read-only file system", result["stdout"])
+
+
+# --------------------------------------------------------------------------------------
+# Integration: the process
+# --------------------------------------------------------------------------------------
+
+class ProcessTests(unittest.TestCase):
+    def test_sigterm_finishes_running_evaluations_and_exits_0(self):
+        server = Server("--workers", "1")
+        root = server.memfs_root()
+        self.assertTrue(os.path.isdir(root))
+        with ThreadPoolExecutor(2) as pool:
+            running = pool.submit(server.eval, input="import time; time.sleep(1); print('done')")
+            time.sleep(0.3)
+            server.proc.send_signal(15)
+            self.assertEqual(running.result()["stdout"], "done\n")
+        self.assertEqual(server.stop(), 0)
+        self.assertFalse(mounts_below(root))
+        self.assertFalse(os.path.exists(root))
+
+    def test_startup_checks_fail_with_one_line(self):
+        cases = ((["--nsjail", "/nonexistent/nsjail"], "not an executable file"),
+                 (["--config", "/nonexistent.cfg"], "cannot read the jail config"))
+        for flags, text in cases:
+            with self.subTest(flags=flags):
+                proc = subprocess.run([sys.executable, SNEKBOX, "--port", "0", *flags],
+                                      capture_output=True, text=True, timeout=30)
+                self.assertEqual(proc.returncode, 1)
+                self.assertIn(text, proc.stderr)
+                self.assertEqual(len(proc.stderr.strip().splitlines()), 1, proc.stderr)
+
+    def test_library_use(self):
+        sandbox = snekbox.Sandbox()
+        self.addCleanup(sandbox.close)
+        result = sandbox.run(["-c", "import sys; print(sys.stdin.read().upper())"],
+                             stdin=b"lib", files=[snekbox.File("in.txt", b"x")])
+        self.assertEqual((result.stdout, result.returncode), ("LIB\n", 0))
+
+
+if __name__ == "__main__":
+    unittest.main()
