@@ -50,6 +50,7 @@ import binascii
 import collections
 import ctypes
 import errno
+import io
 import itertools
 import json
 import logging
@@ -97,6 +98,7 @@ MAX_ARG_BYTES = 128 * 1024 - 1          # Linux's limit on one argument (MAX_ARG
 MAX_ARGS_TOTAL = 1 * MiB                # what snekbox accepts for all arguments together
 MAX_ARGS_COUNT = 10_000
 MAX_FILE_DEPTH = 32                     # folders below /home that are looked into
+MIN_UPLOAD_RATE = 64 * 1024   # bytes/s a body may take beyond --client-timeout
 KILL_GRACE = 3.0             # seconds past the jail's time limit before nsjail is killed
 CGROUP_ROOT = "/sys/fs/cgroup"
 
@@ -650,31 +652,68 @@ class MemFS:
 _live_memfs_folders: set[str] = set()     # this process's, in use
 
 
-def clean_memfs_root(root: str) -> int:
-    """Unmount and remove what dead snekbox processes left under ``root``; return count.
+def stale_memfs_folders(root: str) -> list[str]:
+    """The folders under ``root`` that dead snekbox processes left behind.
 
     Each Sandbox keeps its tmpfs instances in ``root/<pid>-<n>``; a folder whose process
     is gone (or whose pid is now ours, after a restart) is left over from a crash.
     """
-    cleaned = 0
     try:
         entries = list(os.scandir(root))
     except FileNotFoundError:
-        return 0
+        return []
+    stale = []
     for entry in entries:
         pid = entry.name.partition("-")[0]
         if not pid.isdigit() or entry.path in _live_memfs_folders:
             continue
-        if int(pid) != os.getpid() and _pid_alive(int(pid)):
+        if int(pid) == os.getpid() or not _pid_alive(int(pid)):
+            stale.append(entry.path)
+    return stale
+
+
+def kill_jails_using(folders: Sequence[str], wait: float = 2.0) -> int:
+    """Stop the nsjail processes whose /home lies in ``folders``; return how many.
+
+    A server killed with SIGKILL leaves its running jails behind: they would go on until
+    their time limit. SIGTERM lets nsjail remove its cgroups; SIGKILL follows if needed.
+    """
+    prefixes = tuple(folder.rstrip("/") + "/" for folder in folders)
+    pids = []
+    for name in os.listdir("/proc") if prefixes else ():
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                args = f.read().decode("utf-8", "replace").split("\0")
+        except OSError:
             continue
-        for point in mounts_under(entry.path):
+        if "--bindmount" in args and any(a.startswith(prefixes) for a in args):
+            pids.append(int(name))
+    found = len(pids)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and any(_pid_alive(p) for p in pids):
+            time.sleep(0.01)
+        pids = [p for p in pids if _pid_alive(p)]
+    return found
+
+
+def remove_memfs_folders(folders: Sequence[str]) -> int:
+    """Unmount every tmpfs in ``folders`` and remove them; return how many were mounted."""
+    unmounted = 0
+    for folder in folders:
+        for point in mounts_under(folder):
             try:
                 unmount(point)
-                cleaned += 1
+                unmounted += 1
             except OSError as e:
                 log.warning("could not unmount a leftover tmpfs: %s", e)
-        shutil.rmtree(entry.path, ignore_errors=True)
-    return cleaned
+        shutil.rmtree(folder, ignore_errors=True)
+    return unmounted
 
 
 # --------------------------------------------------------------------------------------
@@ -791,9 +830,7 @@ class Sandbox:
         self.files_timeout = files_timeout
         self.user_base = user_base
         self.cgroups = prepare_cgroups(self.config)
-        stale = remove_stale_cgroups(self.cgroups.parents) + clean_memfs_root(memfs_root)
-        if stale:
-            log.info("removed %d cgroups and tmpfs mounts left by an earlier run", stale)
+        self._clean_up_after_crash(memfs_root)
         with _sandbox_lock:
             self.memfs_root = os.path.join(memfs_root, f"{os.getpid()}-{next(_sandbox_numbers)}")
             _live_memfs_folders.add(self.memfs_root)
@@ -803,6 +840,15 @@ class Sandbox:
             log.info("optional mounts this host doesn't have: %s", " ".join(self._quiet_mounts))
         self._numbers = itertools.count(1)
         self._lock = threading.Lock()
+
+    def _clean_up_after_crash(self, memfs_root: str) -> None:
+        stale = stale_memfs_folders(memfs_root)
+        jails = kill_jails_using(stale)
+        mounts = remove_memfs_folders(stale)
+        groups = remove_stale_cgroups(self.cgroups.parents)
+        if jails or mounts or groups:
+            log.warning("cleaned up after an earlier crash: stopped %d jails, removed %d "
+                        "tmpfs mounts and %d cgroups", jails, mounts, groups)
 
     @property
     def time_limit(self) -> int:
@@ -1305,6 +1351,24 @@ def _raw_busy_response(description: str) -> bytes:
             % (len(body), body))
 
 
+class _DeadlineReader(io.RawIOBase):
+    """A socket's reading side that fails with a timeout once ``deadline`` passes."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.deadline = float("inf")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout("the client took too long")
+        self.sock.settimeout(remaining)
+        return self.sock.recv_into(buffer)
+
+
 class SnekboxHandler(BaseHTTPRequestHandler):
     """Answers ``POST /eval`` and ``GET /health``; every answer is JSON."""
 
@@ -1322,6 +1386,14 @@ class SnekboxHandler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         self.timeout = self.server.settings.client_timeout
         super().setup()
+        # Reads share a deadline, so a client trickling bytes can't hold the thread.
+        self._reader = _DeadlineReader(self.connection)
+        self.rfile = io.BufferedReader(self._reader)
+
+    def handle_one_request(self) -> None:
+        # The request line and headers (or an idle keep-alive wait) get client_timeout.
+        self._reader.deadline = time.monotonic() + self.timeout
+        super().handle_one_request()
 
     # One method for every verb: the path decides what's allowed.
     def do_GET(self) -> None:
@@ -1416,29 +1488,23 @@ class SnekboxHandler(BaseHTTPRequestHandler):
         if length > limit:
             self.close_connection = True
             raise HTTPError(413, f"the body is {length} bytes; the limit is {limit} bytes")
+        self._reader.deadline = time.monotonic() + self.timeout + length / MIN_UPLOAD_RATE
         body = self._read_exactly(length)
         self._body_read = True
         return body
 
     def _read_exactly(self, length: int) -> bytes:
-        try:
-            data = self.rfile.read(length)
-        except (TimeoutError, socket.timeout):
-            self.close_connection = True
-            raise HTTPError(408, "the body did not arrive in time") from None
+        data = self._read_body_part(self.rfile.read, length)
         if len(data) < length:
             self.close_connection = True
             raise HTTPError(400, "the body is shorter than its Content-Length")
         return data
 
     def _read_chunked(self, limit: int) -> bytes:
+        started = time.monotonic()
         body = bytearray()
         while True:
-            try:
-                line = self.rfile.readline(1024)
-            except (TimeoutError, socket.timeout):
-                self.close_connection = True
-                raise HTTPError(408, "the body did not arrive in time") from None
+            line = self._read_body_part(self.rfile.readline, 1024)
             try:
                 size = int(line.split(b";")[0].strip(), 16)
                 if size < 0:
@@ -1449,8 +1515,9 @@ class SnekboxHandler(BaseHTTPRequestHandler):
             if len(body) + size > limit:
                 self.close_connection = True
                 raise HTTPError(413, f"the body is over the limit of {limit} bytes")
+            self._reader.deadline = started + self.timeout + (len(body) + size) / MIN_UPLOAD_RATE
             if size == 0:
-                while self.rfile.readline(1024).strip():
+                while self._read_body_part(self.rfile.readline, 1024).strip():
                     pass    # trailers
                 self._body_read = True
                 return bytes(body)
@@ -1459,9 +1526,17 @@ class SnekboxHandler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 raise HTTPError(400, "a chunk of the chunked body is malformed")
 
+    def _read_body_part(self, read: Callable[[int], bytes], size: int) -> bytes:
+        try:
+            return read(size)
+        except (TimeoutError, socket.timeout):
+            self.close_connection = True
+            raise HTTPError(408, "the body did not arrive in time") from None
+
     def send_json(self, status: int, data: dict, headers: dict | None = None) -> None:
         """Send ``data`` as the whole answer, in one write where it fits."""
         body = _json_bytes(data)
+        self.connection.settimeout(self.timeout)    # the read deadline may be spent
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -1485,6 +1560,17 @@ class SnekboxHandler(BaseHTTPRequestHandler):
                            error.headers)
         except OSError:
             self.close_connection = True    # the client is gone; nothing to tell it
+
+    def handle_expect_100(self) -> bool:
+        """Refuse a body that is too large before the client sends it; else 100 Continue."""
+        length = self.headers.get("Content-Length", "").strip()
+        limit = self.server.settings.max_request_size
+        if length.isdigit() and int(length) > limit:
+            self.send_error(413, f"the body is {length} bytes; the limit is {limit} bytes")
+            return False
+        super().handle_expect_100()
+        self.wfile.flush()      # wfile is buffered: the client waits for this line
+        return True
 
     def parse_request(self) -> bool:
         ok = super().parse_request()

@@ -743,6 +743,19 @@ class HTTPTests(ServerTestCase):
                               b"\r\nContent-Length: -5\r\n\r\n")
         self.assertTrue(bad.startswith(b"HTTP/1.1 400 "), bad)
 
+    def test_expect_100_continue(self):
+        body = json.dumps({"input": "print('continued')"}).encode()
+        with socket.create_connection(("127.0.0.1", self.server.port), timeout=5) as s:
+            s.sendall(b"POST /eval HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body))
+            self.assertEqual(s.recv(100), b"HTTP/1.1 100 Continue\r\n\r\n")
+            s.sendall(body)
+            status, data = read_response(s)
+        self.assertEqual((status, data["stdout"]), (200, "continued\n"))
+        refused = self.server.raw(b"POST /eval HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                                  b"Content-Length: 999999999\r\n\r\n")
+        self.assertTrue(refused.startswith(b"HTTP/1.1 413 "), refused)
+
     def test_chunked_body(self):
         body = b'{"input": "print(\'chunked\')"}'
         chunks = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in (body[:10], body[10:])) + b"0\r\n\r\n"
@@ -989,6 +1002,215 @@ class PackagesTests(ServerTestCase):
 
 
 # --------------------------------------------------------------------------------------
+# Integration: load, faults and hostile clients
+# --------------------------------------------------------------------------------------
+
+def nsjail_pids_using(folder: str) -> list[int]:
+    """nsjail processes whose /home is a tmpfs under ``folder``."""
+    pids = []
+    for name in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                if (folder + "/").encode() in f.read():
+                    pids.append(int(name))
+        except (OSError, ValueError):
+            pass
+    return pids
+
+
+def cgroups_left() -> list[str]:
+    cfg = snekbox.JailConfig.from_file(snekbox.DEFAULT_CONFIG)
+    left = []
+    for parent in (os.path.join(cfg.mem_mount, cfg.mem_parent),
+                   os.path.join(cfg.pids_mount, cfg.pids_parent)):
+        if os.path.isdir(parent):
+            left += [os.path.join(parent, d) for d in os.listdir(parent) if d.startswith("NSJAIL.")]
+    return left
+
+
+def wait_until(condition, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict] | None:
+    """One HTTP response from ``sock``: (status, JSON body), or None on a clean close."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            if data:
+                raise AssertionError(f"connection closed mid-response: {data!r}")
+            return None
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    if head.startswith(b"HTTP/1.1 100 "):       # interim answer to Expect: 100-continue
+        while b"\r\n\r\n" not in body:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return None
+            body += chunk
+        head, _, body = body.partition(b"\r\n\r\n")
+    match = re.match(rb"HTTP/1\.[01] (\d{3}) [^\r\n]*\r\n", head)
+    assert match, head
+    length = int(re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)[1])
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed mid-body"
+        body += chunk
+    return int(match[1]), json.loads(body[:length])
+
+
+EVAL_REQUEST = (b"POST /eval HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s")
+
+
+def raw_eval(code: str) -> bytes:
+    body = json.dumps({"input": code}).encode()
+    return EVAL_REQUEST % (len(body), body)
+
+
+class RobustnessTests(ServerTestCase):
+    flags = ("--workers", "1", "--max-queue", "2", "--client-timeout", "1",
+             "--max-connections", "8", "--max-wait", "10")
+
+    def health(self) -> dict:
+        return self.server.request("GET", "/health")[2]
+
+    def test_slow_client_is_dropped_at_the_deadline(self):
+        with socket.create_connection(("127.0.0.1", self.server.port), timeout=5) as s:
+            started = time.monotonic()
+            closed = None
+            for byte in b"POST /eval HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n":
+                try:
+                    s.send(bytes([byte]))
+                except OSError:
+                    closed = time.monotonic()
+                    break
+                if select_readable(s) and s.recv(1) == b"":
+                    closed = time.monotonic()
+                    break
+                time.sleep(0.1)
+        self.assertIsNotNone(closed, "the trickling client was never dropped")
+        self.assertLess(closed - started, 2.0)
+
+    def test_idle_keep_alive_connection_is_closed(self):
+        conn = self.server.connection()
+        conn.request("GET", "/health")
+        conn.getresponse().read()
+        time.sleep(1.5)
+        self.assertEqual(conn.sock.recv(1), b"")
+        conn.close()
+
+    def test_connection_cap(self):
+        idle = [socket.create_connection(("127.0.0.1", self.server.port)) for _ in range(8)]
+        try:
+            time.sleep(0.2)
+            with socket.create_connection(("127.0.0.1", self.server.port), timeout=5) as extra:
+                extra.sendall(b"GET /health HTTP/1.1\r\n\r\n")
+                status, body = read_response(extra)
+            self.assertEqual(status, 503)
+            self.assertIn("too many open connections", body["description"])
+        finally:
+            for s in idle:
+                s.close()
+        self.assertTrue(wait_until(lambda: self.server.request("GET", "/health")[0] == 200))
+
+    def test_client_gone_while_running_kills_the_jail(self):
+        root = self.server.memfs_root()
+        with socket.create_connection(("127.0.0.1", self.server.port)) as s:
+            s.sendall(raw_eval("import time; time.sleep(5)"))
+            self.assertTrue(wait_until(lambda: nsjail_pids_using(root)))
+        started = time.monotonic()
+        self.assertTrue(wait_until(lambda: not nsjail_pids_using(root), 2))
+        self.assertTrue(wait_until(lambda: self.health()["running"] == 0, 2))
+        self.assertLess(time.monotonic() - started, 2)
+        self.assertTrue(wait_until(lambda: any("client went away" in l for l in self.server.log)))
+
+    def test_client_gone_while_waiting_frees_its_place(self):
+        with ThreadPoolExecutor(1) as pool:
+            busy = pool.submit(self.server.eval, input="import time; time.sleep(1.5); print(1)")
+            self.assertTrue(wait_until(lambda: self.health()["running"] == 1))
+            with socket.create_connection(("127.0.0.1", self.server.port)) as s:
+                s.sendall(raw_eval("print('never')"))
+                self.assertTrue(wait_until(lambda: self.health()["waiting"] == 1))
+            self.assertTrue(wait_until(lambda: self.health()["waiting"] == 0, 1.5))
+            self.assertEqual(busy.result()["stdout"], "1\n")
+
+    def test_tmpfs_failure_is_a_json_503_and_passes(self):
+        root = self.server.memfs_root()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=4k", "tmpfs", root], check=True)
+        try:
+            status, headers, data = self.server.post({"input": "print(1)"})
+        finally:
+            subprocess.run(["umount", root], check=True)
+        self.assertEqual(status, 503)
+        self.assertIn("tmpfs", data["description"])
+        self.assertEqual(self.run_code("print(2)")["stdout"], "2\n")
+
+    def test_rejects_nothing_it_should_take(self):
+        # After all the faults above, the normal path still works and nothing is left.
+        self.assertEqual(self.run_code("print('ok')")["stdout"], "ok\n")
+        self.assertEqual(nsjail_pids_using(self.server.memfs_root()), [])
+
+    def test_fuzzed_requests_get_an_answer_or_a_clean_close(self):
+        import random
+        rng = random.Random(20261126)
+        valid = [raw_eval("print(1)"), b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n",
+                 b"POST /eval HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Type: "
+                 b"application/json\r\n\r\n10\r\n" + b'{"input": "1"}  ' + b"\r\n0\r\n\r\n"]
+
+        def mutate(data: bytes) -> bytes:
+            data = bytearray(data)
+            kind = rng.randrange(5)
+            if kind == 0:
+                for _ in range(rng.randint(1, 5)):
+                    data[rng.randrange(len(data))] = rng.randrange(256)
+            elif kind == 1:
+                del data[rng.randrange(len(data)):]
+            elif kind == 2:
+                at = rng.randrange(len(data))
+                data[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 50)))
+            elif kind == 3:
+                at = data.find(b"\r\n") + 2
+                data[at:at] = rng.choice([b"Content-Length: 5\r\n", b"X: " + b"y" * 70000 + b"\r\n",
+                                          b"Transfer-Encoding: chunked\r\n", b"\r\n\r\n",
+                                          b"Expect: 100-continue\r\n"])
+            else:
+                data = bytearray(rng.randrange(256) for _ in range(rng.randint(1, 300)))
+            return bytes(data)
+
+        def probe(data: bytes) -> int | None:
+            with socket.create_connection(("127.0.0.1", self.server.port), timeout=10) as s:
+                try:
+                    s.sendall(data)
+                except OSError:
+                    return None
+                try:
+                    answer = read_response(s)
+                except ConnectionResetError:
+                    return None     # the server closed with unread bytes: a clean close
+                return answer and answer[0]
+
+        cases = [mutate(rng.choice(valid)) for _ in range(150)]
+        with ThreadPoolExecutor(6) as pool:
+            statuses = list(pool.map(probe, cases))
+        self.assertTrue(all(s is None or 200 <= s < 600 for s in statuses), statuses)
+        self.assertNotIn(500, statuses)
+        self.assertGreater(statuses.count(400), 20)
+        self.assertEqual(self.run_code("print('after fuzz')")["stdout"], "after fuzz\n")
+
+
+def select_readable(sock: socket.socket) -> bool:
+    import select
+    return bool(select.select([sock], [], [], 0)[0])
+
+
+# --------------------------------------------------------------------------------------
 # Integration: the process
 # --------------------------------------------------------------------------------------
 
@@ -1005,6 +1227,56 @@ class ProcessTests(unittest.TestCase):
         self.assertEqual(server.stop(), 0)
         self.assertFalse(mounts_below(root))
         self.assertFalse(os.path.exists(root))
+
+    def test_kill_9_and_restart_leaves_nothing_behind(self):
+        server = Server("--workers", "2")
+        root = server.memfs_root()
+        with ThreadPoolExecutor(2) as pool:
+            for _ in range(2):
+                pool.submit(server.post, {"input": "import time; time.sleep(5)"})
+            self.assertTrue(wait_until(lambda: len(nsjail_pids_using(root)) == 2))
+            self.assertEqual(len(mounts_below(root)), 2)
+            server.stop(9)
+        self.assertTrue(nsjail_pids_using(root))        # orphans still running
+        restarted = Server("--workers", "1")
+        try:
+            self.assertEqual(nsjail_pids_using(root), [])
+            self.assertEqual(mounts_below(root), [])
+            self.assertFalse(os.path.exists(root))
+            self.assertEqual(cgroups_left(), [])
+            self.assertTrue(any("cleaned up after an earlier crash: stopped 2 jails" in line
+                                for line in restarted.log), restarted.log)
+            self.assertEqual(restarted.eval(input="print(1)")["stdout"], "1\n")
+        finally:
+            self.assertEqual(restarted.stop(), 0)
+
+    def test_sigterm_under_load(self):
+        server = Server("--workers", "1", "--max-queue", "4")
+        with ThreadPoolExecutor(4) as pool:
+            first = pool.submit(server.eval, input="import time; time.sleep(1); print('ran')")
+            self.assertTrue(wait_until(lambda: server.request("GET", "/health")[2]["running"] == 1))
+            queued = [pool.submit(server.post, {"input": "print('queued')"}) for _ in range(3)]
+            self.assertTrue(wait_until(lambda: server.request("GET", "/health")[2]["waiting"] == 3))
+            server.proc.send_signal(15)
+            self.assertEqual(first.result()["stdout"], "ran\n")
+            self.assertEqual([q.result()[0] for q in queued], [503, 503, 503])
+        self.assertEqual(server.stop(), 0)
+
+    def test_nsjail_gone_mid_flight(self):
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        link = os.path.join(folder, "nsjail")
+        os.symlink(os.path.realpath(snekbox.find_nsjail()), link)
+        server = Server("--nsjail", link)
+        try:
+            os.rename(link, link + ".away")
+            status, _, data = server.post({"input": "print(1)"})
+            self.assertEqual(status, 503)
+            self.assertIn("cannot start nsjail", data["description"])
+            os.rename(link + ".away", link)
+            self.assertEqual(server.eval(input="print(1)")["stdout"], "1\n")
+        finally:
+            self.assertEqual(server.stop(), 0)
 
     def test_startup_checks_fail_with_one_line(self):
         cases = ((["--nsjail", "/nonexistent/nsjail"], "not an executable file"),
