@@ -261,9 +261,8 @@ class FakeCgroupTests(unittest.TestCase):
 
     def config(self, **overrides) -> snekbox.JailConfig:
         cfg = snekbox.JailConfig.from_file(snekbox.DEFAULT_CONFIG)
-        values = {**cfg.__dict__, "mem_mount": f"{self.root}/memory",
-                  "pids_mount": f"{self.root}/pids", "cgroupv2_mount": self.root, **overrides}
-        return snekbox.JailConfig(**values)
+        return cfg._replace(mem_mount=f"{self.root}/memory", pids_mount=f"{self.root}/pids",
+                            cgroupv2_mount=self.root, **overrides)
 
     def test_v1_creates_parents_and_keeps_the_swap_limit(self):
         os.makedirs(f"{self.root}/pids")

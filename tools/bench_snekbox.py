@@ -1,0 +1,259 @@
+#!/usr/bin/env python3
+"""Benchmark snekbox against its floor: the bare nsjail run that each evaluation costs.
+
+Starts a server (or targets one with --url) and, in the same run, spawns the very
+nsjail command line the server builds, directly, to measure the floor. Reports
+latency at concurrency 1, throughput at concurrency = workers and 4 x workers, the
+server's idle and peak memory, its start-up time to the first successful evaluation,
+and the ratio of each to the floor. Standard library only; run as root from the repo:
+
+    python3 tools/bench_snekbox.py                  # starts snekbox.py with 2 workers
+    python3 tools/bench_snekbox.py --workers 4 --json
+    python3 tools/bench_snekbox.py --url http://127.0.0.1:8060 --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import snekbox  # noqa: E402  (the repo's module, for the floor's command line)
+
+PRINT = "print(1)"
+HEAVY = ("import json, re\n"
+         "data = [{'n': i, 's': str(i) * 5} for i in range(20000)]\n"
+         "text = json.dumps(data)\n"
+         "print(len(re.findall(r'\"n\": (\\d+)', text)), len(json.loads(text)))")
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+def summary(latencies: list[float]) -> dict:
+    ms = [v * 1000 for v in latencies]
+    return {"n": len(ms), "min": min(ms), "p50": statistics.median(ms),
+            "p90": percentile(ms, 90), "p99": percentile(ms, 99)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mib(pid: int, field: str = "VmRSS") -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Client:
+    """One keep-alive connection to the server."""
+
+    def __init__(self, host: str, port: int):
+        self.conn = http.client.HTTPConnection(host, port, timeout=30)
+
+    def eval(self, code: str) -> float:
+        body = json.dumps({"input": code}).encode()
+        started = time.perf_counter()
+        self.conn.request("POST", "/eval", body, {"Content-Type": "application/json"})
+        response = self.conn.getresponse()
+        data = response.read()
+        elapsed = time.perf_counter() - started
+        if response.status != 200 or json.loads(data)["returncode"] != 0:
+            raise RuntimeError(f"evaluation failed: {response.status} {data[:200]!r}")
+        return elapsed
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class Floor:
+    """The server's nsjail command line for one evaluation, spawned directly."""
+
+    def __init__(self):
+        self.sandbox = snekbox.Sandbox()
+        self.home = os.path.join(self.sandbox.memfs_root, "floor")
+        os.mkdir(self.home)
+        snekbox.mount_tmpfs(self.home, self.sandbox.memfs_size)
+
+    def run(self, code: str) -> float:
+        log_r, log_w = os.pipe()
+        command = self.sandbox.command(self.home, log_w, ["-c", code])
+        started = time.perf_counter()
+        proc = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, pass_fds=(log_w,), env={})
+        elapsed = time.perf_counter() - started
+        os.close(log_w)
+        while os.read(log_r, 65536):
+            pass
+        os.close(log_r)
+        if proc.returncode != 0:
+            raise RuntimeError(f"bare nsjail failed: {proc.stdout[-300:]!r}")
+        return elapsed
+
+    def close(self) -> None:
+        snekbox.unmount(self.home)
+        self.sandbox.close()
+
+
+def run_parallel(task, concurrency: int, seconds: float, max_each: int) -> tuple[list[float], float]:
+    """Run ``task(worker_index)`` in ``concurrency`` threads for ``seconds``; latencies, rate."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+
+    def worker(index: int) -> None:
+        mine = []
+        for _ in range(max_each):
+            if time.monotonic() > deadline:
+                break
+            mine.append(task(index))
+        with lock:
+            latencies.extend(mine)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return latencies, len(latencies) / (time.perf_counter() - started)
+
+
+def start_server(python: str, workers: int) -> tuple[subprocess.Popen, int, float]:
+    """Start snekbox.py; return it, its port and the seconds to a first successful eval."""
+    port = free_port()
+    started = time.perf_counter()
+    proc = subprocess.Popen([python, os.path.join(ROOT, "snekbox.py"), "--port", str(port),
+                             "--workers", str(workers), "--log-level", "WARNING"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            client = Client("127.0.0.1", port)
+            client.eval(PRINT)
+            client.close()
+            return proc, port, time.perf_counter() - started
+        except (OSError, http.client.HTTPException):
+            if proc.poll() is not None:
+                raise RuntimeError(f"snekbox.py exited with {proc.returncode}") from None
+            time.sleep(0.002)
+    proc.kill()
+    raise RuntimeError("snekbox.py did not answer within 30 s")
+
+
+def measure(args: argparse.Namespace) -> dict:
+    results: dict = {"workers": args.workers}
+    proc = None
+    if args.url:
+        host, port = args.url.split("//")[-1].rstrip("/").rsplit(":", 1)
+        port = int(port)
+    else:
+        host = "127.0.0.1"
+        proc, port, startup = start_server(args.python, args.workers)
+        results["startup_s"] = startup
+        time.sleep(1.0)
+        results["idle_rss_mib"] = rss_mib(proc.pid)
+    floor = Floor()
+    try:
+        client = Client(host, port)
+        for _ in range(args.warmup):                      # warm both paths
+            client.eval(PRINT)
+            floor.run(PRINT)
+        for name, code in (("print", PRINT), ("heavy", HEAVY)):
+            served, bare = [], []
+            for _ in range(args.requests if name == "print" else max(10, args.requests // 5)):
+                served.append(client.eval(code))          # interleaved: same conditions
+                bare.append(floor.run(code))
+            results[f"{name}_c1"] = summary(served)
+            results[f"{name}_c1_floor"] = summary(bare)
+        client.close()
+
+        for factor in (1, 4):
+            concurrency = args.workers * factor
+            clients = [Client(host, port) for _ in range(concurrency)]
+            latencies, rate = run_parallel(lambda i: clients[i].eval(PRINT), concurrency,
+                                           args.seconds, args.requests * 10)
+            for c in clients:
+                c.close()
+            results[f"c{concurrency}"] = {**summary(latencies), "rps": rate}
+        latencies, rate = run_parallel(lambda i: floor.run(PRINT), args.workers, args.seconds,
+                                       args.requests * 10)
+        results["floor_parallel"] = {**summary(latencies), "rps": rate}
+    finally:
+        floor.close()
+        if proc:
+            results["peak_rss_mib"] = rss_mib(proc.pid, "VmHWM")
+            proc.terminate()
+            proc.wait(30)
+    return results
+
+
+def report(r: dict) -> str:
+    w = r["workers"]
+    f1, p1 = r["print_c1_floor"], r["print_c1"]
+    rows = [
+        ("print(1), concurrency 1, p50", f"{p1['p50']:.1f} ms", f"{f1['p50']:.1f} ms",
+         f"{p1['p50'] / f1['p50']:.2f}x"),
+        ("  min / p90 / p99", f"{p1['min']:.1f} / {p1['p90']:.1f} / {p1['p99']:.1f} ms",
+         f"{f1['min']:.1f} / {f1['p90']:.1f} / {f1['p99']:.1f} ms", ""),
+        ("heavy snippet, concurrency 1, p50", f"{r['heavy_c1']['p50']:.1f} ms",
+         f"{r['heavy_c1_floor']['p50']:.1f} ms",
+         f"{r['heavy_c1']['p50'] / r['heavy_c1_floor']['p50']:.2f}x"),
+        (f"throughput, concurrency {w} (= workers)", f"{r[f'c{w}']['rps']:.1f} req/s",
+         f"{r['floor_parallel']['rps']:.1f} req/s",
+         f"{r[f'c{w}']['rps'] / r['floor_parallel']['rps']:.2f}x"),
+        (f"  latency p50 / p99", f"{r[f'c{w}']['p50']:.1f} / {r[f'c{w}']['p99']:.1f} ms",
+         f"{r['floor_parallel']['p50']:.1f} / {r['floor_parallel']['p99']:.1f} ms", ""),
+        (f"throughput, concurrency {4 * w} (4x workers)", f"{r[f'c{4 * w}']['rps']:.1f} req/s",
+         "", f"{r[f'c{4 * w}']['rps'] / r['floor_parallel']['rps']:.2f}x"),
+        (f"  latency p50 / p99", f"{r[f'c{4 * w}']['p50']:.1f} / {r[f'c{4 * w}']['p99']:.1f} ms",
+         "", ""),
+    ]
+    if "idle_rss_mib" in r:
+        rows += [("server memory, idle / peak (RSS)",
+                  f"{r['idle_rss_mib']:.1f} / {r['peak_rss_mib']:.1f} MiB", "", ""),
+                 ("start-up to first successful eval", f"{r['startup_s'] * 1000:.0f} ms", "", "")]
+    header = ("what", "snekbox", "floor (bare nsjail)", "ratio")
+    widths = [max(len(str(row[i])) for row in rows + [header]) for i in range(4)]
+    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines += ["| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--url", help="benchmark a running server on loopback instead of starting one")
+    p.add_argument("--workers", type=int, default=2, help="server workers (default: 2)")
+    p.add_argument("--python", default="/usr/bin/python3" if os.path.exists("/usr/bin/python3")
+                   else sys.executable, help="interpreter for the server (default: Debian's)")
+    p.add_argument("--requests", type=int, default=100, help="requests per latency series")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--seconds", type=float, default=5.0, help="length of each throughput phase")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = p.parse_args()
+    if args.url and not args.url.split("//")[-1].startswith(("127.", "localhost", "[::1]")):
+        p.error("--url must be on loopback")
+    results = measure(args)
+    print(json.dumps(results, indent=2) if args.json else report(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
