@@ -15,17 +15,15 @@ and the ratio of each to the floor. Standard library only; run as root from the 
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
-import socket
-import statistics
 import subprocess
 import sys
-import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from harness import (DEBIAN_PYTHON, ROOT, Client, parse_url, proc_status, run_parallel,
+                     start_server, summary)
+
 sys.path.insert(0, ROOT)
 import snekbox  # noqa: E402  (the repo's module, for the floor's command line)
 
@@ -34,52 +32,6 @@ HEAVY = ("import json, re\n"
          "data = [{'n': i, 's': str(i) * 5} for i in range(20000)]\n"
          "text = json.dumps(data)\n"
          "print(len(re.findall(r'\"n\": (\\d+)', text)), len(json.loads(text)))")
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
-
-
-def summary(latencies: list[float]) -> dict:
-    ms = [v * 1000 for v in latencies]
-    return {"n": len(ms), "min": min(ms), "p50": statistics.median(ms),
-            "p90": percentile(ms, 90), "p99": percentile(ms, 99)}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rss_mib(pid: int, field: str = "VmRSS") -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-class Client:
-    """One keep-alive connection to the server."""
-
-    def __init__(self, host: str, port: int):
-        self.conn = http.client.HTTPConnection(host, port, timeout=30)
-
-    def eval(self, code: str) -> float:
-        body = json.dumps({"input": code}).encode()
-        started = time.perf_counter()
-        self.conn.request("POST", "/eval", body, {"Content-Type": "application/json"})
-        response = self.conn.getresponse()
-        data = response.read()
-        elapsed = time.perf_counter() - started
-        if response.status != 200 or json.loads(data)["returncode"] != 0:
-            raise RuntimeError(f"evaluation failed: {response.status} {data[:200]!r}")
-        return elapsed
-
-    def close(self) -> None:
-        self.conn.close()
 
 
 class Floor:
@@ -111,64 +63,17 @@ class Floor:
         self.sandbox.close()
 
 
-def run_parallel(task, concurrency: int, seconds: float, max_each: int) -> tuple[list[float], float]:
-    """Run ``task(worker_index)`` in ``concurrency`` threads for ``seconds``; latencies, rate."""
-    latencies: list[float] = []
-    lock = threading.Lock()
-    deadline = time.monotonic() + seconds
-
-    def worker(index: int) -> None:
-        mine = []
-        for _ in range(max_each):
-            if time.monotonic() > deadline:
-                break
-            mine.append(task(index))
-        with lock:
-            latencies.extend(mine)
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
-    started = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return latencies, len(latencies) / (time.perf_counter() - started)
-
-
-def start_server(python: str, workers: int) -> tuple[subprocess.Popen, int, float]:
-    """Start snekbox.py; return it, its port and the seconds to a first successful eval."""
-    port = free_port()
-    started = time.perf_counter()
-    proc = subprocess.Popen([python, os.path.join(ROOT, "snekbox.py"), "--port", str(port),
-                             "--workers", str(workers), "--log-level", "WARNING"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            client = Client("127.0.0.1", port)
-            client.eval(PRINT)
-            client.close()
-            return proc, port, time.perf_counter() - started
-        except (OSError, http.client.HTTPException):
-            if proc.poll() is not None:
-                raise RuntimeError(f"snekbox.py exited with {proc.returncode}") from None
-            time.sleep(0.002)
-    proc.kill()
-    raise RuntimeError("snekbox.py did not answer within 30 s")
-
-
 def measure(args: argparse.Namespace) -> dict:
     results: dict = {"workers": args.workers}
     proc = None
     if args.url:
-        host, port = args.url.split("//")[-1].rstrip("/").rsplit(":", 1)
-        port = int(port)
+        host, port = parse_url(args.url)
     else:
         host = "127.0.0.1"
-        proc, port, startup = start_server(args.python, args.workers)
+        proc, port, startup = start_server(args.python, "--workers", str(args.workers))
         results["startup_s"] = startup
         time.sleep(1.0)
-        results["idle_rss_mib"] = rss_mib(proc.pid)
+        results["idle_rss_mib"] = proc_status(proc.pid, "VmRSS")
     floor = Floor()
     try:
         client = Client(host, port)
@@ -198,7 +103,7 @@ def measure(args: argparse.Namespace) -> dict:
     finally:
         floor.close()
         if proc:
-            results["peak_rss_mib"] = rss_mib(proc.pid, "VmHWM")
+            results["peak_rss_mib"] = proc_status(proc.pid, "VmHWM")
             proc.terminate()
             proc.wait(30)
     return results
@@ -241,15 +146,13 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--url", help="benchmark a running server on loopback instead of starting one")
     p.add_argument("--workers", type=int, default=2, help="server workers (default: 2)")
-    p.add_argument("--python", default="/usr/bin/python3" if os.path.exists("/usr/bin/python3")
-                   else sys.executable, help="interpreter for the server (default: Debian's)")
+    p.add_argument("--python", default=DEBIAN_PYTHON,
+                   help="interpreter for the server (default: Debian's, as on a fresh machine)")
     p.add_argument("--requests", type=int, default=100, help="requests per latency series")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--seconds", type=float, default=5.0, help="length of each throughput phase")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args()
-    if args.url and not args.url.split("//")[-1].startswith(("127.", "localhost", "[::1]")):
-        p.error("--url must be on loopback")
     results = measure(args)
     print(json.dumps(results, indent=2) if args.json else report(results))
     return 0

@@ -1,0 +1,148 @@
+"""What the benchmark and the stress script share: a server to start, clients, statistics.
+
+Standard library only. Every address used is on loopback.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SNEKBOX = os.path.join(ROOT, "snekbox.py")
+DEBIAN_PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+def summary(latencies: list[float]) -> dict:
+    """min/p50/p90/p99 in milliseconds of latencies in seconds."""
+    if not latencies:
+        return {"n": 0, "min": float("nan"), "p50": float("nan"), "p90": float("nan"),
+                "p99": float("nan")}
+    ms = [v * 1000 for v in latencies]
+    return {"n": len(ms), "min": min(ms), "p50": statistics.median(ms),
+            "p90": percentile(ms, 90), "p99": percentile(ms, 99)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def proc_status(pid: int, field: str) -> float:
+    """A number from /proc/<pid>/status (VmRSS and VmHWM in MiB, others as they are)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                value = int(line.split()[1])
+                return value / 1024 if field.startswith("Vm") else value
+    return float("nan")
+
+
+def parse_url(url: str) -> tuple[str, int]:
+    host, port = url.split("//")[-1].rstrip("/").rsplit(":", 1)
+    if not host.strip("[]").startswith(("127.", "localhost", "::1")):
+        raise SystemExit("the URL must be on loopback")
+    return host.strip("[]"), int(port)
+
+
+class Client:
+    """One keep-alive connection to the server; reconnects after an error."""
+
+    def __init__(self, host: str, port: int, timeout: float = 30):
+        self.host, self.port, self.timeout = host, port, timeout
+        self.conn = http.client.HTTPConnection(host, port, timeout=timeout)
+
+    def post(self, code: str) -> tuple[int, float, dict | None]:
+        """POST /eval; (status, seconds, JSON); status 0 when the connection failed."""
+        body = json.dumps({"input": code}).encode()
+        started = time.perf_counter()
+        try:
+            self.conn.request("POST", "/eval", body, {"Content-Type": "application/json"})
+            response = self.conn.getresponse()
+            data = json.loads(response.read())
+            if response.getheader("Connection", "").lower() == "close":
+                self.reconnect()
+            return response.status, time.perf_counter() - started, data
+        except (OSError, http.client.HTTPException, ValueError):
+            self.reconnect()
+            return 0, time.perf_counter() - started, None
+
+    def eval(self, code: str) -> float:
+        """POST /eval that must succeed; the seconds it took."""
+        status, elapsed, data = self.post(code)
+        if status != 200 or data["returncode"] != 0:
+            raise RuntimeError(f"evaluation failed: {status} {str(data)[:200]}")
+        return elapsed
+
+    def health(self) -> dict | None:
+        try:
+            self.conn.request("GET", "/health")
+            return json.loads(self.conn.getresponse().read())
+        except (OSError, http.client.HTTPException, ValueError):
+            self.reconnect()
+            return None
+
+    def reconnect(self) -> None:
+        self.conn.close()
+        self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def start_server(python: str = DEBIAN_PYTHON, *flags: str,
+                 port: int | None = None) -> tuple[subprocess.Popen, int, float]:
+    """Start snekbox.py on loopback; return it, its port and seconds to a first eval."""
+    port = port or free_port()
+    started = time.perf_counter()
+    proc = subprocess.Popen([python, SNEKBOX, "--port", str(port), "--log-level", "WARNING",
+                             *flags], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    client = Client("127.0.0.1", port, timeout=5)
+    while time.monotonic() < deadline:
+        if client.post("print(1)")[0] == 200:
+            client.close()
+            return proc, port, time.perf_counter() - started
+        if proc.poll() is not None:
+            raise RuntimeError(f"snekbox.py exited with {proc.returncode}")
+        time.sleep(0.002)
+    proc.kill()
+    raise RuntimeError("snekbox.py did not answer within 30 s")
+
+
+def run_parallel(task, concurrency: int, seconds: float, max_each: int) -> tuple[list, float]:
+    """Call ``task(thread_index)`` from ``concurrency`` threads for ``seconds`` (at most
+    ``max_each`` times each); return every result and the rate per second."""
+    results: list = []
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+
+    def worker(index: int) -> None:
+        mine = []
+        for _ in range(max_each):
+            if time.monotonic() > deadline:
+                break
+            mine.append(task(index))
+        with lock:
+            results.extend(mine)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, len(results) / (time.perf_counter() - started)
