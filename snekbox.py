@@ -50,6 +50,7 @@ import binascii
 import collections
 import ctypes
 import errno
+import gc
 import io
 import itertools
 import json
@@ -1001,7 +1002,7 @@ class Sandbox:
                 pending = memoryview(stdin)
             if client is not None:
                 sel.register(client, selectors.EVENT_READ, "client")
-            while any(key.data != "client" for key in sel.get_map().values()):
+            while len(sel.get_map()) > (client is not None and client in sel.get_map()):
                 timeout = deadline - time.monotonic()
                 if timeout <= 0:
                     log.warning("nsjail did not exit %gs after the time limit; killed", KILL_GRACE)
@@ -1098,7 +1099,10 @@ def read_nsjail_log(data: bytes, quiet: Sequence[str] = ()) -> NsjailReport:
     (sources this host lacks, reported once at start-up), which go to DEBUG.
     """
     child_status, timed_out, errors = None, False, []
+    chatter = not nsjail_log.isEnabledFor(logging.INFO)
     for line in data.splitlines():
+        if chatter and line.startswith(b"[I]") and b"pid=" not in line:
+            continue    # mounts and parameters, a dozen lines a run; no one is listening
         match = _NSJAIL_LINE.match(line)
         level, message = (_LEVELS[match[1]], match[2]) if match else (logging.WARNING, line)
         exited, signaled = _EXITED.search(message), _SIGNALED.search(message)
@@ -1323,6 +1327,7 @@ class SnekboxServer(ThreadingHTTPServer):
         self.settings = settings
         self.sandbox = sandbox
         self.slots = WorkerSlots(settings.workers, settings.queue_limit, settings.max_wait)
+        self.ready = False          # until the start-up self-test has passed
         self.stopping = False
         self._connections = threading.BoundedSemaphore(settings.max_connections)
         super().__init__((settings.host, settings.port), SnekboxHandler)
@@ -1442,9 +1447,10 @@ class SnekboxHandler(BaseHTTPRequestHandler):
 
     def _health(self) -> None:
         slots = self.server.slots
-        ready = not self.server.stopping
+        ready = self.server.ready and not self.server.stopping
+        status = "ok" if ready else "stopping" if self.server.stopping else "starting"
         self.send_json(200 if ready else 503, {
-            "status": "ok" if ready else "stopping", "ready": ready,
+            "status": status, "ready": ready,
             "workers": slots.workers, "running": slots.running, "waiting": slots.waiting,
             "max_queue": slots.max_queue})
 
@@ -1677,6 +1683,7 @@ def self_test(sandbox: Sandbox) -> None:
 
 def release_free_memory() -> None:
     """Hand the C heap's free pages back to the OS (compiling this file left megabytes)."""
+    gc.collect()
     trim = getattr(_libc, "malloc_trim", None)     # glibc only
     if trim is not None:
         trim(0)
@@ -1697,21 +1704,30 @@ def main(argv: Sequence[str] | None = None) -> int:
                           max_output_size=settings.max_output_size,
                           memfs_size=settings.memfs_size, files_limit=settings.files_limit,
                           files_timeout=settings.files_timeout, user_base=settings.user_base)
-        self_test(sandbox)
-        try:
-            server = SnekboxServer(settings, sandbox)
-        except OSError as e:
-            raise SetupError(f"cannot listen on {settings.host}:{settings.port}: {e.strerror}") from e
     except (SetupError, OSError) as e:
         log.critical("%s", e)
         return 1
+    try:
+        server = SnekboxServer(settings, sandbox)
+    except OSError as e:
+        log.critical("cannot listen on %s:%s: %s", settings.host, settings.port, e.strerror)
+        sandbox.close()
+        return 1
 
-    release_free_memory()
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    thread = threading.Thread(target=server.serve_forever, name="accept", daemon=True)
-    thread.start()
+    # Serve while the self-test runs, so that the first requests need not wait for it;
+    # /health answers 503 until it has passed, and a failure stops everything.
+    threading.Thread(target=server.serve_forever, name="accept", daemon=True).start()
+    try:
+        self_test(sandbox)
+    except SetupError as e:
+        log.critical("%s", e)
+        stop_server(server, sandbox)
+        return 1
+    server.ready = True
+    release_free_memory()
     host, port = server.server_address[:2]
     log.info("snekbox listening on http://%s:%d with %d workers (nsjail %s, cgroup v%d)",
              f"[{host}]" if ":" in host else host, port, settings.workers, sandbox.nsjail,
@@ -1721,6 +1737,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_IGN)    # already stopping; bounded by the time limit
     log.info("stopping: finishing running evaluations")
+    stop_server(server, sandbox)
+    log.info("stopped")
+    return 0
+
+
+def stop_server(server: SnekboxServer, sandbox: Sandbox) -> None:
+    """Refuse new work, let running evaluations finish, then close everything."""
     server.stopping = True
     server.slots.close()
     server.shutdown()
@@ -1728,8 +1751,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.warning("evaluations still running at exit")
     server.server_close()
     sandbox.close()
-    log.info("stopped")
-    return 0
 
 
 if __name__ == "__main__":

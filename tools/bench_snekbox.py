@@ -89,17 +89,27 @@ def measure(args: argparse.Namespace) -> dict:
             results[f"{name}_c1_floor"] = summary(bare)
         client.close()
 
-        for factor in (1, 4):
-            concurrency = args.workers * factor
-            clients = [Client(host, port) for _ in range(concurrency)]
-            latencies, rate = run_parallel(lambda i: clients[i].eval(PRINT), concurrency,
-                                           args.seconds, args.requests * 10)
-            for c in clients:
+        # Throughput: the server and the floor take turns in one-second slices, so that
+        # a machine whose speed drifts (a VM's neighbours) treats both alike.
+        w = args.workers
+        series = {f"c{w}": (w, None), f"c{4 * w}": (4 * w, None), "floor_parallel": (w, floor)}
+        clients = {name: [Client(host, port) for _ in range(n)] for name, (n, f) in series.items()
+                   if f is None}
+        latencies = {name: [] for name in series}
+        elapsed = dict.fromkeys(series, 0.0)
+        for _ in range(max(1, round(args.seconds))):
+            for name, (n, bare) in series.items():
+                task = ((lambda i: bare.run(PRINT)) if bare
+                        else (lambda i, c=clients[name]: c[i].eval(PRINT)))
+                started = time.perf_counter()
+                done, _ = run_parallel(task, n, 1.0, args.requests * 10)
+                elapsed[name] += time.perf_counter() - started
+                latencies[name] += done
+        for name in series:
+            results[name] = {**summary(latencies[name]), "rps": len(latencies[name]) / elapsed[name]}
+        for group in clients.values():
+            for c in group:
                 c.close()
-            results[f"c{concurrency}"] = {**summary(latencies), "rps": rate}
-        latencies, rate = run_parallel(lambda i: floor.run(PRINT), args.workers, args.seconds,
-                                       args.requests * 10)
-        results["floor_parallel"] = {**summary(latencies), "rps": rate}
     finally:
         floor.close()
         if proc:
@@ -148,9 +158,10 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=2, help="server workers (default: 2)")
     p.add_argument("--python", default=DEBIAN_PYTHON,
                    help="interpreter for the server (default: Debian's, as on a fresh machine)")
-    p.add_argument("--requests", type=int, default=100, help="requests per latency series")
+    p.add_argument("--requests", type=int, default=200, help="requests per latency series")
     p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--seconds", type=float, default=5.0, help="length of each throughput phase")
+    p.add_argument("--seconds", type=float, default=8.0,
+                   help="seconds of each throughput series, in one-second turns")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args()
     results = measure(args)
