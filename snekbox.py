@@ -1072,7 +1072,7 @@ class Sandbox:
         error = None
         if returncode is None:
             error = "the jail could not start the process: " + (
-                report.errors[-1] if report.errors else f"nsjail exited with status {status}")
+                "; ".join(report.errors) if report.errors else f"nsjail exited with status {status}")
         elif cancelled:
             error = "cancelled: the client went away"
         return EvalResult(stdout=output.decode("utf-8", "replace"), returncode=returncode,

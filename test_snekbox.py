@@ -1187,6 +1187,20 @@ class RobustnessTests(ServerTestCase):
         self.assertIn("tmpfs", data["description"])
         self.assertEqual(self.run_code("print(2)")["stdout"], "2\n")
 
+    def test_jail_that_cannot_start_is_a_clear_error(self):
+        # Take away the pids cgroup parent that nsjail creates its group in.
+        cfg = snekbox.JailConfig.from_file(snekbox.DEFAULT_CONFIG)
+        parent = os.path.join(cfg.pids_mount, cfg.pids_parent)
+        os.rmdir(parent)
+        try:
+            result = self.run_code("print(1)")
+        finally:
+            os.mkdir(parent)
+        self.assertIsNone(result["returncode"])
+        self.assertIn("the jail could not start the process", result["error"])
+        self.assertIn("cgroup", result["error"])
+        self.assertEqual(self.run_code("print(2)")["stdout"], "2\n")
+
     def test_rejects_nothing_it_should_take(self):
         # After all the faults above, the normal path still works and nothing is left.
         self.assertEqual(self.run_code("print('ok')")["stdout"], "ok\n")
