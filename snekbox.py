@@ -53,6 +53,7 @@ import errno
 import gc
 import io
 import itertools
+import marshal
 import json
 import logging
 import os
@@ -132,6 +133,7 @@ class Settings:
     user_base: str | None = None
     client_timeout: float = 10.0
     max_connections: int = 256
+    prewarm: int = 2
     log_level: str = "INFO"
 
     def __init__(self, **values):
@@ -824,7 +826,8 @@ class Sandbox:
     def __init__(self, config: str = DEFAULT_CONFIG, nsjail: str | None = None, *,
                  max_output_size: int = 1_000_000, memfs_size: int = 48 * MiB,
                  files_limit: int = 100, files_timeout: float = 5.0,
-                 user_base: str | None = None, memfs_root: str = DEFAULT_MEMFS_ROOT):
+                 user_base: str | None = None, memfs_root: str = DEFAULT_MEMFS_ROOT,
+                 prewarm: int = 0):
         nsjail_path = find_nsjail(nsjail)
         if not nsjail_path:
             raise SetupError("nsjail not found on PATH or in /usr/sbin, /usr/local/sbin, "
@@ -854,6 +857,7 @@ class Sandbox:
             log.info("optional mounts this host doesn't have: %s", " ".join(self._quiet_mounts))
         self._numbers = itertools.count(1)
         self._lock = threading.Lock()
+        self.pool = WarmPool(self, prewarm) if prewarm > 0 else None
 
     def _clean_up_after_crash(self, memfs_root: str) -> None:
         stale = stale_memfs_folders(memfs_root)
@@ -868,8 +872,16 @@ class Sandbox:
     def time_limit(self) -> int:
         return self.config.time_limit
 
+    @property
+    def warm_jails(self) -> int:
+        """Warm jails ready for an evaluation now."""
+        return self.pool.ready if self.pool else 0
+
     def close(self) -> None:
-        """Remove this sandbox's folder of tmpfs mounts (after the last ``run``)."""
+        """Stop the warm jails and remove this sandbox's tmpfs mounts (after the last
+        ``run``)."""
+        if self.pool:
+            self.pool.close()
         remove_memfs_folders([self.memfs_root])
         _live_memfs_folders.discard(self.memfs_root)
 
@@ -886,39 +898,54 @@ class Sandbox:
         """
         started = time.monotonic()
         args = list(args)
-        code = self._check_args(args)
+        self._check_args(args)
         executable = self._check_executable(executable_path) if executable_path else None
+        job = None if executable or not self.pool else warm_job(args, {f.path for f in files})
+        jail = self.pool.take() if job else None
+        result = None
+        if jail:
+            try:
+                result = self._run_warm(jail, job, args, stdin, files, client)
+            except _JobNotDelivered:
+                log.warning("a warm jail died as it was handed a job; running cold instead")
+        if result is None:
+            result = self._run_cold(args, stdin, files, executable, client)
+        result.duration = time.monotonic() - started
+        return result
+
+    def _run_cold(self, args: list[str], stdin: bytes, files: Sequence[File],
+                  executable: str | None, client: socket.socket | None) -> EvalResult:
+        memfs = self._new_memfs()
+        try:
+            unchanged = memfs.write_files(files)
+            result = self._run_in(memfs.path, args, stdin, executable, client)
+            self._collect(memfs, unchanged, result)
+        finally:
+            memfs.remove()
+        return result
+
+    def _new_memfs(self) -> MemFS:
         with self._lock:
             memfs = MemFS(self.memfs_root, str(next(self._numbers)), self.memfs_size)
         try:
             memfs.mount()
         except OSError as e:
             raise SandboxUnavailable(f"cannot create the evaluation's tmpfs: {e}") from e
-        try:
-            unchanged = memfs.write_files(files)
-            result = self._run_in(memfs.path, args, code, stdin, executable, client)
-            if result.returncode is not None:
-                result.files, files_error = memfs.collect_files(
-                    unchanged, self.files_limit, self.files_timeout)
-                result.error = result.error or files_error
-        finally:
-            memfs.remove()
-        result.duration = time.monotonic() - started
-        return result
+        return memfs
 
-    def _check_args(self, args: list[str]) -> bytes | None:
-        """Check the arguments' sizes; return `-c` code too long to be an argument.
+    def _collect(self, memfs: MemFS, unchanged: dict, result: EvalResult) -> None:
+        if result.returncode is not None:
+            result.files, files_error = memfs.collect_files(
+                unchanged, self.files_limit, self.files_timeout)
+            result.error = result.error or files_error
 
-        That code is taken out of ``args`` (its place is left for the bootstrap).
-        """
+    def _check_args(self, args: list[str]) -> None:
+        """Refuse arguments that can't be passed: NUL characters, or too large (the code
+        after -c may be any size: it can reach Python another way)."""
         if any("\0" in a for a in args):
             raise InvalidRequest(400, "args: an argument contains a NUL character")
         index = code_argument_index(args)
-        code = None
-        if index is not None and len(args[index].encode("utf-8", "surrogatepass")) > MAX_ARG_BYTES:
-            code = args[index].encode("utf-8")
-            args[index] = ""    # filled in by _run_in, which knows the descriptor
-        sizes = [len(a.encode("utf-8", "surrogatepass")) for a in args]
+        sizes = [len(a.encode("utf-8", "surrogatepass")) for i, a in enumerate(args) if i != index]
         if len(args) > MAX_ARGS_COUNT:
             raise InvalidRequest(413, f"args: at most {MAX_ARGS_COUNT} arguments")
         if any(size > MAX_ARG_BYTES for size in sizes):
@@ -926,7 +953,6 @@ class Sandbox:
                                       "Linux's limit (only code after -c may be longer)")
         if sum(sizes) > MAX_ARGS_TOTAL:
             raise InvalidRequest(413, f"args: over {MAX_ARGS_TOTAL // MiB} MiB in all")
-        return code
 
     def _check_executable(self, path: str) -> str:
         if not path.startswith("/"):
@@ -942,31 +968,40 @@ class Sandbox:
         return path
 
     def command(self, home: str, log_fd: int, args: Sequence[str], *,
-                executable: str | None = None, code_fd: int | None = None) -> list[str]:
+                executable: str | None = None, pass_fds: Sequence[int] = (),
+                time_limit: int | None = None) -> list[str]:
         """The nsjail command line of one evaluation (the benchmark spawns it bare).
 
         ``home`` is the host folder that becomes /home; ``log_fd`` the descriptor nsjail
-        logs to; ``code_fd`` one it passes on to the interpreter.
+        logs to; ``pass_fds`` those it passes on to the interpreter; ``time_limit``
+        replaces the config's.
         """
         command = [self.nsjail, "--config", self.config.path, *self.cgroups.nsjail_args,
                    "--log_fd", str(log_fd), "--bindmount", f"{home}:{JAIL_HOME}"]
+        if time_limit is not None:
+            command += ["--time_limit", str(time_limit)]
         if self.user_base:
             command += ["--bindmount_ro", f"{self.user_base}:{JAIL_USER_BASE}"]
-        if code_fd is not None:
-            command += ["--pass_fd", str(code_fd)]
+        for fd in pass_fds:
+            command += ["--pass_fd", str(fd)]
         return command + ["--", executable or self.config.exec_path, *self.config.exec_args, *args]
 
-    def _run_in(self, home: str, args: list[str], code: bytes | None, stdin: bytes,
-                executable: str | None, client: socket.socket | None) -> EvalResult:
+    def _run_in(self, home: str, args: list[str], stdin: bytes, executable: str | None,
+                client: socket.socket | None) -> EvalResult:
         log_r, log_w = os.pipe()
         code_fd = None
+        index = code_argument_index(args)
+        code = None
+        if index is not None and len(args[index].encode("utf-8")) > MAX_ARG_BYTES:
+            code = args[index].encode("utf-8")
         try:
             if code is not None:
                 code_fd = os.memfd_create("snekbox-code", 0)
                 os.write(code_fd, code)
                 os.lseek(code_fd, 0, os.SEEK_SET)
-                args[code_argument_index(args)] = _LARGE_CODE_BOOTSTRAP.format(fd=code_fd)
-            command = self.command(home, log_w, args, executable=executable, code_fd=code_fd)
+                args[index] = _LARGE_CODE_BOOTSTRAP.format(fd=code_fd)
+            command = self.command(home, log_w, args, executable=executable,
+                                   pass_fds=() if code_fd is None else (code_fd,))
             try:
                 proc = subprocess.Popen(
                     command, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
@@ -987,23 +1022,46 @@ class Sandbox:
                 proc.wait()
 
     def _communicate(self, proc: subprocess.Popen, log_r: int, stdin: bytes,
-                     client: socket.socket | None) -> EvalResult:
-        """Feed stdin, read output (up to the limit) and nsjail's log until it exits."""
+                     client: socket.socket | None,
+                     job: tuple[int, bytes, Callable[[], None]] | None = None,
+                     own_time_limit: bool = False) -> EvalResult:
+        """Feed stdin (and a warm jail its job), read output (up to the limit) and
+        nsjail's log until it exits.
+
+        ``job`` is a descriptor, the bytes to write to it and how to close it once
+        written (the jail starts at that end of file). With ``own_time_limit``
+        (a warm jail, whose nsjail limit runs from its start) the time limit counts from
+        now and is enforced here.
+        """
         output = bytearray()
         log_data = bytearray()
-        truncated = cancelled = killed = False
-        deadline = time.monotonic() + self.time_limit + KILL_GRACE
+        truncated = cancelled = killed = timed_out = False
+        now = time.monotonic()
+        limit_at = now + self.time_limit if own_time_limit else None
+        deadline = now + self.time_limit + KILL_GRACE
+        writers: dict[int, tuple[memoryview, Callable[[], None]]] = {}
+        if proc.stdin:
+            writers[proc.stdin.fileno()] = (memoryview(stdin), proc.stdin.close)
+        if job:
+            writers[job[0]] = (memoryview(job[1]), job[2])
         with selectors.DefaultSelector() as sel:
             sel.register(proc.stdout, selectors.EVENT_READ, "stdout")
             sel.register(log_r, selectors.EVENT_READ, "log")
-            if proc.stdin:
-                os.set_blocking(proc.stdin.fileno(), False)
-                sel.register(proc.stdin, selectors.EVENT_WRITE, "stdin")
-                pending = memoryview(stdin)
+            for fd, (data, close) in list(writers.items()):
+                if data:
+                    os.set_blocking(fd, False)
+                    sel.register(fd, selectors.EVENT_WRITE, "write")
+                else:
+                    close()
+                    del writers[fd]
             if client is not None:
                 sel.register(client, selectors.EVENT_READ, "client")
             while len(sel.get_map()) > (client is not None and client in sel.get_map()):
-                timeout = deadline - time.monotonic()
+                now = time.monotonic()
+                if limit_at is not None and now >= limit_at:
+                    timed_out, limit_at = True, None
+                    self._stop(proc)
+                timeout = min(deadline, limit_at or deadline) - now
                 if timeout <= 0:
                     log.warning("nsjail did not exit %gs after the time limit; killed", KILL_GRACE)
                     proc.kill()
@@ -1015,12 +1073,12 @@ class Sandbox:
                         if not chunk:
                             sel.unregister(key.fileobj)
                             continue
+                        if truncated:
+                            continue    # drained, not closed: the jail must not see EPIPE
                         output += chunk
                         if len(output) > self.max_output_size:
                             del output[self.max_output_size:]
                             truncated = True
-                            sel.unregister(key.fileobj)
-                            proc.stdout.close()
                             self._stop(proc)
                     elif key.data == "log":
                         chunk = os.read(key.fd, 65536)
@@ -1028,29 +1086,52 @@ class Sandbox:
                             log_data += chunk
                         else:
                             sel.unregister(key.fd)
-                    elif key.data == "stdin":
+                    elif key.data == "write":
+                        data, close = writers[key.fd]
                         try:
-                            pending = pending[os.write(key.fd, pending[:65536]):]
+                            data = data[os.write(key.fd, data[:65536]):]
                         except BrokenPipeError:
-                            pending = pending[:0]
-                        if not pending:
-                            sel.unregister(key.fileobj)
-                            proc.stdin.close()
+                            if job and key.fd == job[0] and len(data) == len(job[1]):
+                                raise _JobNotDelivered from None
+                            data = data[:0]
+                        writers[key.fd] = (data, close)
+                        if not data:
+                            sel.unregister(key.fd)
+                            close()
+                            del writers[key.fd]
                     elif key.data == "client" and _peer_gone(client):
                         cancelled = True
                         sel.unregister(client)
                         self._stop(proc)
                     elif key.data == "client":
                         sel.unregister(client)   # a pipelined request: not ours to read
-        for stream in (proc.stdin, proc.stdout):
-            if stream and not stream.closed:
-                stream.close()
+        for _, close in writers.values():
+            close()
+        if not proc.stdout.closed:
+            proc.stdout.close()
         try:
             status = proc.wait(timeout=KILL_GRACE)
         except subprocess.TimeoutExpired:
             proc.kill()
             status = proc.wait()
-        return self._result(output, bytes(log_data), status, truncated, cancelled, killed)
+        return self._result(output, bytes(log_data), status, truncated, cancelled,
+                            killed, timed_out)
+
+    def _run_warm(self, jail: WarmJail, job: tuple[str, list[str], str], args: list[str],
+                  stdin: bytes, files: Sequence[File],
+                  client: socket.socket | None) -> EvalResult:
+        """Hand ``job`` to a warm jail, after writing ``files`` into its /home."""
+        try:
+            unchanged = jail.memfs.write_files(files)
+            orig_argv = [self.config.exec_path, *self.config.exec_args, *args]
+            payload = marshal.dumps((*job, orig_argv))
+            result = self._communicate(jail.proc, jail.log_r, stdin, client,
+                                       job=(jail.job_w, payload, jail.close_job),
+                                       own_time_limit=True)
+            self._collect(jail.memfs, unchanged, result)
+            return result
+        finally:
+            jail.discard()
 
     @staticmethod
     def _stop(proc: subprocess.Popen) -> None:
@@ -1061,11 +1142,11 @@ class Sandbox:
             pass
 
     def _result(self, output: bytearray, log_data: bytes, status: int, truncated: bool,
-                cancelled: bool, killed: bool) -> EvalResult:
+                cancelled: bool, killed: bool, timed_out: bool) -> EvalResult:
         report = read_nsjail_log(log_data, quiet=self._quiet_mounts)
         if report.child_status is not None:
             returncode: int | None = report.child_status
-        elif truncated or cancelled or killed:
+        elif truncated or cancelled or killed or timed_out:
             returncode = shell_status(status)
         else:
             returncode = None    # nsjail never started the process
@@ -1076,8 +1157,227 @@ class Sandbox:
         elif cancelled:
             error = "cancelled: the client went away"
         return EvalResult(stdout=output.decode("utf-8", "replace"), returncode=returncode,
-                          timed_out=report.timed_out or killed, truncated=truncated,
+                          timed_out=report.timed_out or killed or timed_out, truncated=truncated,
                           error=error)
+
+
+# --------------------------------------------------------------------------------------
+# Warm jails
+# --------------------------------------------------------------------------------------
+
+# The interpreter of a warm jail starts on this, with the jail's job descriptor in {fd},
+# says it is ready on {ready}, and waits. The job (marshal: mode, sys.argv, the code, script or module, sys.orig_argv)
+# makes it what a cold start would have been: `-c` code runs in __main__ compiled as
+# "<string>", a script with its own __file__, loader and sys.path[0], a module through
+# runpy as -m does; tracebacks lose the bootstrap's frames. It imports nothing a cold
+# start wouldn't have loaded (marshal, os and sys are there from the start).
+_WARM_BOOTSTRAP = """\
+def _snekbox_job():
+    import marshal, os, sys
+    os.write({ready}, b".")     # booted: waiting for the job
+    os.close({ready})
+    data = b""
+    while True:
+        chunk = os.read({fd}, 65536)
+        if not chunk:
+            break
+        data += chunk
+    os.close({fd})
+    if not data:
+        os._exit(0)     # snekbox discarded this jail, or is gone: nothing to run
+    mode, sys.argv[:], payload, orig_argv = marshal.loads(data)
+    if hasattr(sys, "orig_argv"):
+        sys.orig_argv[:] = orig_argv
+    if mode == "m":
+        sys.path[0] = os.getcwd()
+        return __import__("runpy")._run_module_as_main, payload
+    if mode == "s":
+        main = sys.modules["__main__"]
+        main.__file__ = path = os.path.abspath(payload)
+        main.__cached__ = None
+        main.__loader__ = sys.modules["_frozen_importlib_external"].SourceFileLoader("__main__", path)
+        sys.path[0] = os.path.dirname(path)
+        with open(path, "rb") as f:
+            return exec, compile(f.read(), path, "exec")
+    code = compile(payload, "<string>", "exec")
+    if sys.version_info >= (3, 13):
+        __import__("linecache")._register_code(code, payload, "<string>")
+    return exec, code
+
+try:
+    _snekbox_run, _snekbox_arg = _snekbox_job()
+    del _snekbox_job
+    if _snekbox_run is exec:
+        exec(_snekbox_arg, globals().pop("_snekbox_run") and globals().pop("_snekbox_arg") and globals())
+    else:
+        globals().pop("_snekbox_run")(globals().pop("_snekbox_arg"))
+except BaseException as e:
+    if isinstance(e, SystemExit):
+        raise
+    tb = e.__traceback__.tb_next
+    while tb is not None and tb.tb_frame.f_code.co_name == "_snekbox_job":
+        tb = tb.tb_next
+    e.with_traceback(tb)
+    __import__("sys").excepthook(type(e), e, e.__traceback__)
+    raise SystemExit(1)
+"""
+WARM_MAX_IDLE = 300     # seconds a warm jail may wait; older ones are replaced
+
+
+class _JobNotDelivered(Exception):
+    """The warm jail was gone before it could take its job."""
+
+
+def warm_job(args: Sequence[str], uploaded: set[str]) -> tuple[str, list[str], str] | None:
+    """(mode, sys.argv, payload) when a warm jail can run ``args`` exactly as a cold
+    start would: ``-c code``, ``-m module`` or an uploaded ``.py`` script, each with
+    arguments of its own. Interpreter options or anything else: None (a cold start)."""
+    if len(args) >= 2 and args[0] in ("-c", "-m"):
+        return args[0][1], [args[0], *args[2:]], args[1]
+    if args and args[0].endswith(".py") and not args[0].startswith("-") \
+            and posixpath.normpath(args[0]) in uploaded:
+        return "s", list(args), args[0]
+    return None
+
+
+class WarmJail:
+    """An nsjail jail with its interpreter started, waiting for one job; single use.
+
+    It has its own tmpfs as /home and nsjail's time limit is pushed past the longest
+    wait: the evaluation's own time limit is enforced from the hand-over.
+    """
+
+    def __init__(self, sandbox: Sandbox):
+        self.memfs = sandbox._new_memfs()
+        log_w = job_r = ready_w = None
+        self.booted = False
+        try:
+            self.log_r, log_w = os.pipe()
+            job_r, self.job_w = os.pipe()
+            self.ready_r, ready_w = os.pipe()
+            bootstrap = _WARM_BOOTSTRAP.format(fd=job_r, ready=ready_w)
+            command = sandbox.command(self.memfs.path, log_w, ["-c", bootstrap],
+                                      pass_fds=(job_r, ready_w),
+                                      time_limit=WARM_MAX_IDLE + sandbox.time_limit + 60)
+            self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, env={},
+                                         pass_fds=(log_w, job_r, ready_w))
+        except BaseException:
+            self.memfs.remove()
+            raise
+        finally:
+            for fd in (log_w, job_r, ready_w):
+                if fd is not None:
+                    os.close(fd)
+        self.started = time.monotonic()
+
+    def is_booted(self) -> bool:
+        """Whether its interpreter has started and waits for the job (never blocks)."""
+        if not self.booted and self.ready_r is not None and select.select([self.ready_r], [], [], 0)[0]:
+            self.booted = os.read(self.ready_r, 1) == b"."
+            os.close(self.ready_r)
+            self.ready_r = None
+        return self.booted
+
+    def close_job(self) -> None:
+        """Close the job pipe: the jail reads the job up to this end of file."""
+        if self.job_w is not None:
+            os.close(self.job_w)
+            self.job_w = None
+
+    def usable(self) -> bool:
+        return self.proc.poll() is None and time.monotonic() - self.started < WARM_MAX_IDLE
+
+    def discard(self) -> None:
+        """Stop the jail if it still runs, close its pipes and remove its tmpfs."""
+        if self.proc.poll() is None:
+            self.proc.terminate()       # nsjail kills the jail and removes its cgroups
+            try:
+                self.proc.wait(KILL_GRACE)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if not stream.closed:
+                stream.close()
+        self.close_job()
+        for fd in (self.log_r, self.ready_r):
+            if fd is not None:
+                os.close(fd)
+        self.log_r = self.ready_r = None
+        self.memfs.remove()
+
+
+class WarmPool:
+    """Up to ``size`` warm jails, refilled in the background; never blocks a request."""
+
+    def __init__(self, sandbox: Sandbox, size: int):
+        self.sandbox = sandbox
+        self.size = size
+        self._ready: collections.deque[WarmJail] = collections.deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._fill, name="prewarm", daemon=True)
+        self._thread.start()
+
+    @property
+    def ready(self) -> int:
+        """Warm jails booted and waiting."""
+        with self._cond:
+            return sum(jail.is_booted() for jail in self._ready)
+
+    def take(self) -> WarmJail | None:
+        """A warm jail to use, or None when none is ready (the caller starts cold)."""
+        stale = []
+        with self._cond:
+            jail = None
+            while self._ready and jail is None:
+                jail = self._ready.popleft()
+                if not jail.usable():
+                    stale.append(jail)
+                    jail = None
+            self._cond.notify_all()
+        for old in stale:
+            old.discard()
+        return jail
+
+    def _fill(self) -> None:
+        while True:
+            stale = []
+            with self._cond:
+                while not self._closed and len(self._ready) >= self.size:
+                    stale = [j for j in self._ready if not j.usable()]
+                    if stale:
+                        for jail in stale:
+                            self._ready.remove(jail)
+                        break
+                    self._cond.wait(WARM_MAX_IDLE / 10)
+                if self._closed:
+                    return
+            for jail in stale:
+                jail.discard()
+            if len(self._ready) >= self.size:
+                continue
+            try:
+                jail = WarmJail(self.sandbox)
+            except (OSError, SandboxUnavailable) as e:
+                log.warning("cannot start a warm jail: %s", e)
+                time.sleep(1)
+                continue
+            with self._cond:
+                if self._closed:
+                    break
+                self._ready.append(jail)
+        jail.discard()
+
+    def close(self) -> None:
+        """Stop refilling and discard every warm jail."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(10)
+        while self._ready:
+            self._ready.popleft().discard()
 
 
 def shell_status(status: int) -> int:
@@ -1452,7 +1752,7 @@ class SnekboxHandler(BaseHTTPRequestHandler):
         self.send_json(200 if ready else 503, {
             "status": status, "ready": ready,
             "workers": slots.workers, "running": slots.running, "waiting": slots.waiting,
-            "max_queue": slots.max_queue})
+            "max_queue": slots.max_queue, "warm": self.server.sandbox.warm_jails})
 
     def _eval(self) -> None:
         content_type = self.headers.get("Content-Type", "")
@@ -1650,6 +1950,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     add("--client-timeout", "seconds a client may take to send a request, or stay idle "
                             "(default: %(default)s)")
     add("--max-connections", "open connections at most (default: %(default)s)")
+    add("--prewarm", "jails kept started and waiting for an evaluation; 0: none "
+                     "(default: %(default)s)")
     add("--log-level", "DEBUG, INFO, WARNING or ERROR (default: %(default)s)")
     return p
 
@@ -1663,10 +1965,11 @@ def settings_from_args(argv: Sequence[str] | None = None) -> Settings:
     for name in positive:
         if getattr(ns, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
-    if ns.max_queue < 0 or ns.max_wait < 0 or ns.files_limit < 0:
-        parser.error("--max-queue, --max-wait and --files-limit can't be negative")
+    if min(ns.max_queue, ns.max_wait, ns.files_limit, ns.prewarm) < 0:
+        parser.error("--max-queue, --max-wait, --files-limit and --prewarm can't be negative")
     if ns.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         parser.error("--log-level must be DEBUG, INFO, WARNING or ERROR")
+
     return Settings(**{**vars(ns), "log_level": ns.log_level.upper()})
 
 
@@ -1703,7 +2006,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sandbox = Sandbox(settings.config, settings.nsjail,
                           max_output_size=settings.max_output_size,
                           memfs_size=settings.memfs_size, files_limit=settings.files_limit,
-                          files_timeout=settings.files_timeout, user_base=settings.user_base)
+                          files_timeout=settings.files_timeout, user_base=settings.user_base,
+                          prewarm=settings.prewarm)
     except (SetupError, OSError) as e:
         log.critical("%s", e)
         return 1

@@ -33,6 +33,11 @@ SNEKBOX = os.path.join(HERE, "snekbox.py")
 JAIL_PYTHON = "/usr/bin/python3"
 # Set to a running server (the Docker image, say) to run the HTTP tests against it.
 REMOTE_URL = os.environ.get("SNEKBOX_TEST_URL")
+# The servers the tests start keep this many warm jails (SNEKBOX_PREWARM=0: none); CI
+# runs the suite both ways. Each holds a tmpfs and an nsjail process while it waits.
+PREWARM = int(os.environ.get("SNEKBOX_PREWARM", snekbox.Settings.prewarm))
+# Interpreter options make an evaluation start cold, whatever the pool holds.
+COLD = ["-B"]
 local_only = unittest.skipIf(REMOTE_URL, "needs a server started by the tests")
 
 
@@ -170,8 +175,9 @@ class ServerTestCase(unittest.TestCase):
         assert not mounts_below(root), mounts_below(root)
 
     def tearDown(self) -> None:
-        # Every evaluation's tmpfs is gone once its answer is sent.
-        self.assertEqual(mounts_below(self.server.memfs_root()), [])
+        # Every evaluation's tmpfs is gone once its answer is sent; the warm jails waiting
+        # for the next ones have theirs.
+        self.assertLessEqual(len(mounts_below(self.server.memfs_root())), PREWARM)
 
     def run_code(self, code: str, **extra) -> dict:
         return self.server.eval(input=code, **extra)
@@ -699,6 +705,7 @@ class HTTPTests(ServerTestCase):
         self.assertEqual(headers["Content-Type"], "application/json")
         self.assertEqual((data["ready"], data["workers"], data["running"], data["waiting"]),
                          (True, 2, 0, 0))
+        self.assertLessEqual(data["warm"], PREWARM)
 
     def test_keep_alive_reuses_the_connection(self):
         conn = self.server.connection()
@@ -1036,6 +1043,112 @@ class ContainerTests(ServerTestCase):
                 self.assertEqual(result["stdout"], f"({version.replace('.', ', ')})\n")
 
 
+# What a program can see of how it was started; a warm jail must show the same.
+PROBE = """\
+import json, sys, __main__
+def kind(value):
+    return type(value).__name__ if value is not None else None
+print(json.dumps({
+    "argv": sys.argv, "orig_argv": sys.orig_argv, "path0": sys.path[0],
+    "main": {k: kind(v) for k, v in sorted(vars(__main__).items())},
+    "file": getattr(__main__, "__file__", None), "name": __name__,
+    "modules": sorted(m for m in sys.modules if m != "json" and not m.startswith("json.")),
+    "stdin": sys.stdin.read(), "flags": str(sys.flags),
+}))
+def fail():
+    raise ValueError("from the probe")
+fail()
+"""
+
+
+@local_only
+class WarmJailTests(unittest.TestCase):
+    """The warm pool against cold starts: the same programs must see the same things."""
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.cold = Server("--workers", "2", "--prewarm", "0")
+        cls.warm = Server("--workers", "2", "--prewarm", "2")
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        roots = [cls.cold.memfs_root(), cls.warm.memfs_root()]
+        assert cls.cold.stop() == 0 and cls.warm.stop() == 0
+        for root in roots:
+            assert not mounts_below(root) and not nsjail_pids_using(root)
+
+    def both(self, **body) -> tuple[dict, dict]:
+        self.assertTrue(wait_until(lambda: self.warm.request("GET", "/health")[2]["warm"] == 2))
+        return self.cold.eval(**body), self.warm.eval(**body)
+
+    def assertSame(self, **body) -> dict:
+        cold, warm = self.both(**body)
+        for key in ("stdout", "returncode", "files", "timed_out", "truncated", "error"):
+            self.assertEqual(warm[key], cold[key], key)
+        return cold
+
+    def test_c_mode(self):
+        result = self.assertSame(args=["-c", PROBE, "one", "two"], stdin="in")
+        self.assertIn('"argv": ["-c", "one", "two"]', result["stdout"])
+        self.assertIn('ValueError: from the probe', result["stdout"])
+        self.assertSame(input="1 +")
+        self.assertSame(input="import sys; sys.exit('bye')")
+        self.assertSame(input="raise SystemExit(7)")
+        self.assertSame(input="print('x' * 300)")
+
+    def test_script_mode(self):
+        files = [{"path": "main.py", "content": b64(PROBE)},
+                 {"path": "lib/helper.py", "content": b64("X = 1")}]
+        result = self.assertSame(args=["main.py", "arg"], files=files, stdin="in")
+        self.assertIn('"file": "/home/main.py"', result["stdout"])
+        self.assertSame(args=["lib/helper.py"], files=files)
+
+    def test_module_mode(self):
+        files = [{"path": "probe.py", "content": b64(PROBE)}]
+        result = self.assertSame(args=["-m", "probe", "x"], files=files)
+        self.assertIn('"argv": ["/home/probe.py", "x"]', result["stdout"])
+        self.assertIn("<frozen runpy>", result["stdout"])
+        self.assertSame(args=["-m", "json.tool", "--sort-keys"], stdin='{"b": 1, "a": [2]}')
+        self.assertSame(args=["-m", "no_such_module"])
+
+    def test_files_limits_and_codes(self):
+        self.assertSame(input="open('out.txt', 'w').write('made warm or cold')",
+                        files=[{"path": "in.txt", "content": b64("unchanged")}])
+        self.assertSame(input="import ctypes; ctypes.string_at(0)")
+        memory = self.assertSame(input="x = bytearray(200 * 1024 * 1024)")
+        self.assertEqual(memory["returncode"], 137)
+        bomb = "import os\nn = 0\ntry:\n    while True:\n        os.fork() or __import__('time').sleep(5)\n        n += 1\nexcept OSError:\n    print(n < 15)"
+        self.assertSame(input=bomb)
+
+    def test_time_limit_counts_from_the_hand_over(self):
+        time.sleep(3)       # the warm jails have waited 3 s: their 6 s must still be whole
+        started = time.monotonic()
+        ok = self.warm.eval(input="import time; time.sleep(4.5); print('in time')")
+        self.assertEqual(ok["stdout"], "in time\n")
+        late = self.warm.eval(input="import time; print('start', flush=True); time.sleep(30)")
+        self.assertEqual((late["returncode"], late["timed_out"], late["stdout"]), (137, True, "start\n"))
+        self.assertLess(time.monotonic() - started, 4.5 + 6 + snekbox.KILL_GRACE + 2)
+
+    def test_output_truncation(self):
+        cold, warm = self.both(input="while True: print('x' * 1000)")
+        self.assertEqual((warm["returncode"], warm["truncated"]), (cold["returncode"], cold["truncated"]))
+        self.assertEqual(len(warm["stdout"]), len(cold["stdout"]))
+
+    def test_pool_never_holds_more_and_replaces_dead_jails(self):
+        root = self.warm.memfs_root()
+        self.assertTrue(wait_until(lambda: len(nsjail_pids_using(root)) == 2))
+        for pid in nsjail_pids_using(root):
+            os.kill(pid, 9)         # a warm jail dies while waiting
+        self.assertEqual(self.warm.eval(input="print('after')")["stdout"], "after\n")
+        self.assertTrue(wait_until(lambda: len(nsjail_pids_using(root)) == 2))
+        with ThreadPoolExecutor(5) as pool:      # more at once than the pool holds: cold
+            results = list(pool.map(lambda i: self.warm.eval(input=f"print({i})"), range(5)))
+        self.assertEqual([r["stdout"] for r in results], [f"{i}\n" for i in range(5)])
+        self.assertTrue(wait_until(lambda: len(nsjail_pids_using(root)) == 2))
+        time.sleep(0.3)
+        self.assertEqual(len(nsjail_pids_using(root)), 2)
+
+
 # --------------------------------------------------------------------------------------
 # Integration: load, faults and hostile clients
 # --------------------------------------------------------------------------------------
@@ -1054,12 +1167,14 @@ def nsjail_pids_using(folder: str) -> list[int]:
 
 
 def cgroups_left() -> list[str]:
+    """NSJAIL.<pid> cgroups whose nsjail is gone."""
     cfg = snekbox.JailConfig.from_file(snekbox.DEFAULT_CONFIG)
     left = []
     for parent in (os.path.join(cfg.mem_mount, cfg.mem_parent),
                    os.path.join(cfg.pids_mount, cfg.pids_parent)):
         if os.path.isdir(parent):
-            left += [os.path.join(parent, d) for d in os.listdir(parent) if d.startswith("NSJAIL.")]
+            left += [os.path.join(parent, d) for d in os.listdir(parent)
+                     if d.startswith("NSJAIL.") and not os.path.exists(f"/proc/{d[7:]}")]
     return left
 
 
@@ -1157,11 +1272,12 @@ class RobustnessTests(ServerTestCase):
 
     def test_client_gone_while_running_kills_the_jail(self):
         root = self.server.memfs_root()
+        self.assertTrue(wait_until(lambda: len(nsjail_pids_using(root)) == PREWARM))
         with socket.create_connection(("127.0.0.1", self.server.port)) as s:
             s.sendall(raw_eval("import time; time.sleep(5)"))
-            self.assertTrue(wait_until(lambda: nsjail_pids_using(root)))
+            self.assertTrue(wait_until(lambda: len(nsjail_pids_using(root)) > PREWARM))
         started = time.monotonic()
-        self.assertTrue(wait_until(lambda: not nsjail_pids_using(root), 2))
+        self.assertTrue(wait_until(lambda: len(nsjail_pids_using(root)) <= PREWARM, 2))
         self.assertTrue(wait_until(lambda: self.health()["running"] == 0, 2))
         self.assertLess(time.monotonic() - started, 2)
         self.assertTrue(wait_until(lambda: any("client went away" in l for l in self.server.log)))
@@ -1180,31 +1296,18 @@ class RobustnessTests(ServerTestCase):
         root = self.server.memfs_root()
         subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=4k", "tmpfs", root], check=True)
         try:
-            status, headers, data = self.server.post({"input": "print(1)"})
+            status, headers, data = self.server.post({"args": [*COLD, "-c", "print(1)"]})
         finally:
             subprocess.run(["umount", root], check=True)
         self.assertEqual(status, 503)
         self.assertIn("tmpfs", data["description"])
         self.assertEqual(self.run_code("print(2)")["stdout"], "2\n")
 
-    def test_jail_that_cannot_start_is_a_clear_error(self):
-        # Take away the pids cgroup parent that nsjail creates its group in.
-        cfg = snekbox.JailConfig.from_file(snekbox.DEFAULT_CONFIG)
-        parent = os.path.join(cfg.pids_mount, cfg.pids_parent)
-        os.rmdir(parent)
-        try:
-            result = self.run_code("print(1)")
-        finally:
-            os.mkdir(parent)
-        self.assertIsNone(result["returncode"])
-        self.assertIn("the jail could not start the process", result["error"])
-        self.assertIn("cgroup", result["error"])
-        self.assertEqual(self.run_code("print(2)")["stdout"], "2\n")
-
     def test_rejects_nothing_it_should_take(self):
         # After all the faults above, the normal path still works and nothing is left.
         self.assertEqual(self.run_code("print('ok')")["stdout"], "ok\n")
-        self.assertEqual(nsjail_pids_using(self.server.memfs_root()), [])
+        self.assertTrue(wait_until(
+            lambda: len(nsjail_pids_using(self.server.memfs_root())) <= PREWARM))
 
     def test_fuzzed_requests_get_an_answer_or_a_clean_close(self):
         import random
@@ -1283,8 +1386,8 @@ class ProcessTests(unittest.TestCase):
         with ThreadPoolExecutor(2) as pool:
             for _ in range(2):
                 pool.submit(server.post, {"input": "import time; time.sleep(5)"})
-            self.assertTrue(wait_until(lambda: len(nsjail_pids_using(root)) == 2))
-            self.assertEqual(len(mounts_below(root)), 2)
+            self.assertTrue(wait_until(lambda: len(nsjail_pids_using(root)) == 2 + PREWARM))
+            self.assertEqual(len(mounts_below(root)), 2 + PREWARM)
             server.stop(9)
         self.assertTrue(nsjail_pids_using(root))        # orphans still running
         restarted = Server("--workers", "1")
@@ -1293,8 +1396,11 @@ class ProcessTests(unittest.TestCase):
             self.assertEqual(mounts_below(root), [])
             self.assertFalse(os.path.exists(root))
             self.assertEqual(cgroups_left(), [])
-            self.assertTrue(any("cleaned up after an earlier crash: stopped 2 jails" in line
-                                for line in restarted.log), restarted.log)
+            # The running jails are stopped; warm ones end by themselves when the server's
+            # end of their job pipe closes, or are stopped if the restart comes first.
+            stopped = [int(m[1]) for line in restarted.log
+                       for m in [re.search(r"cleaned up after an earlier crash: stopped (\d+) jails", line)] if m]
+            self.assertTrue(stopped and 2 <= stopped[0] <= 2 + PREWARM, restarted.log)
             self.assertEqual(restarted.eval(input="print(1)")["stdout"], "1\n")
         finally:
             self.assertEqual(restarted.stop(), 0)
@@ -1319,13 +1425,38 @@ class ProcessTests(unittest.TestCase):
         server = Server("--nsjail", link)
         try:
             os.rename(link, link + ".away")
-            status, _, data = server.post({"input": "print(1)"})
+            status, _, data = server.post({"args": [*COLD, "-c", "print(1)"]})
             self.assertEqual(status, 503)
             self.assertIn("cannot start nsjail", data["description"])
             os.rename(link + ".away", link)
             self.assertEqual(server.eval(input="print(1)")["stdout"], "1\n")
         finally:
             self.assertEqual(server.stop(), 0)
+
+    def test_jail_that_cannot_start_is_a_clear_error(self):
+        # A config of its own, so the pids cgroup parent can be taken away from it alone.
+        with open(snekbox.DEFAULT_CONFIG) as f:
+            text = f.read().replace('cgroup_pids_parent: "NSJAIL"', 'cgroup_pids_parent: "NSJAIL-test"')
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        config = os.path.join(folder, "snekbox.cfg")
+        with open(config, "w") as f:
+            f.write(text)
+        server = Server("--config", config, "--prewarm", "0")
+        parent = os.path.join(snekbox.JailConfig.from_file(config).pids_mount, "NSJAIL-test")
+        try:
+            os.rmdir(parent)
+            try:
+                result = server.eval(input="print(1)")
+            finally:
+                os.mkdir(parent)
+            self.assertIsNone(result["returncode"])
+            self.assertIn("the jail could not start the process", result["error"])
+            self.assertIn("cgroup", result["error"])
+            self.assertEqual(server.eval(input="print(2)")["stdout"], "2\n")
+        finally:
+            self.assertEqual(server.stop(), 0)
+            os.rmdir(parent)
 
     def test_startup_checks_fail_with_one_line(self):
         cases = ((["--nsjail", "/nonexistent/nsjail"], "not an executable file"),
