@@ -908,6 +908,8 @@ class Sandbox:
                 result = self._run_warm(jail, job, args, stdin, files, client)
             except _JobNotDelivered:
                 log.warning("a warm jail died as it was handed a job; running cold instead")
+            finally:
+                self.pool.refill()
         if result is None:
             result = self._run_cold(args, stdin, files, executable, client)
         result.duration = time.monotonic() - started
@@ -1327,7 +1329,11 @@ class WarmPool:
             return sum(jail.is_booted() for jail in self._ready)
 
     def take(self) -> WarmJail | None:
-        """A warm jail to use, or None when none is ready (the caller starts cold)."""
+        """A warm jail to use, or None when none is ready (the caller starts cold).
+
+        Call ``refill`` once the evaluation is over: a new jail booting meanwhile would
+        compete with it for the CPU and the kernel's namespace locks.
+        """
         stale = []
         with self._cond:
             jail = None
@@ -1336,10 +1342,16 @@ class WarmPool:
                 if not jail.usable():
                     stale.append(jail)
                     jail = None
-            self._cond.notify_all()
+            if jail is None:
+                self._cond.notify_all()     # empty: refill now
         for old in stale:
             old.discard()
         return jail
+
+    def refill(self) -> None:
+        """Start replacing the jails taken."""
+        with self._cond:
+            self._cond.notify_all()
 
     def _fill(self) -> None:
         while True:
