@@ -35,6 +35,10 @@ why). ``files`` holds the files the code created or changed in /home. Errors are
 
 ``GET /health`` answers 200 with the service's state while it takes requests.
 
+Each evaluation gets a fresh jail. ``--prewarm N`` keeps N of them started ahead of time,
+their interpreter waiting, so that a request starts in milliseconds; it runs exactly as
+in a jail started for it.
+
 As a library, without a server::
 
     from snekbox import Sandbox
@@ -1163,6 +1167,60 @@ class Sandbox:
                           error=error)
 
 
+def shell_status(status: int) -> int:
+    """A Popen return code the way a shell shows it: 128+N after signal N."""
+    return 128 - status if status < 0 else status
+
+
+class NsjailReport(collections.namedtuple("NsjailReport", "child_status timed_out errors")):
+    """What nsjail's log says about a run: the jailed process's shell-style status (None
+    if it never ran), whether the time limit killed it, and nsjail's error messages."""
+
+    __slots__ = ()
+
+
+def read_nsjail_log(data: bytes, quiet: Sequence[str] = ()) -> NsjailReport:
+    """Forward nsjail's log lines to the ``snekbox.nsjail`` logger and read the outcome.
+
+    Levels match nsjail's, except warnings about the optional mounts in ``quiet``
+    (sources this host lacks, reported once at start-up), which go to DEBUG.
+    """
+    child_status, timed_out, errors = None, False, []
+    chatter = not nsjail_log.isEnabledFor(logging.INFO)
+    for line in data.splitlines():
+        if chatter and line.startswith(b"[I]") and b"pid=" not in line:
+            continue    # mounts and parameters, a dozen lines a run; no one is listening
+        match = _NSJAIL_LINE.match(line)
+        level, message = (_LEVELS[match[1]], match[2]) if match else (logging.WARNING, line)
+        exited, signaled = _EXITED.search(message), _SIGNALED.search(message)
+        if exited:
+            child_status = int(exited[1])
+        elif signaled:
+            child_status = 128 + int(signaled[1])
+        elif _TIME_LIMIT.search(message):
+            timed_out = True
+        text = message.decode("utf-8", "replace")
+        if level == logging.WARNING and any(f"'{p}'" in text for p in quiet):
+            level = logging.DEBUG
+        elif level >= logging.ERROR:
+            errors.append(text)
+        nsjail_log.log(level, "%s", text)
+    return NsjailReport(child_status, timed_out, errors)
+
+
+def _peer_gone(sock: socket.socket) -> bool:
+    """Whether the peer of a connected socket has closed it or reset it (never waits)."""
+    try:
+        if not select.select([sock], [], [], 0)[0]:
+            return False
+        # Readable: either data (a pipelined request) or the end of the stream.
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError, TimeoutError, socket.timeout):
+        return False
+    except OSError:
+        return True
+
+
 # --------------------------------------------------------------------------------------
 # Warm jails
 # --------------------------------------------------------------------------------------
@@ -1390,60 +1448,6 @@ class WarmPool:
         self._thread.join(10)
         while self._ready:
             self._ready.popleft().discard()
-
-
-def shell_status(status: int) -> int:
-    """A Popen return code the way a shell shows it: 128+N after signal N."""
-    return 128 - status if status < 0 else status
-
-
-class NsjailReport(collections.namedtuple("NsjailReport", "child_status timed_out errors")):
-    """What nsjail's log says about a run: the jailed process's shell-style status (None
-    if it never ran), whether the time limit killed it, and nsjail's error messages."""
-
-    __slots__ = ()
-
-
-def read_nsjail_log(data: bytes, quiet: Sequence[str] = ()) -> NsjailReport:
-    """Forward nsjail's log lines to the ``snekbox.nsjail`` logger and read the outcome.
-
-    Levels match nsjail's, except warnings about the optional mounts in ``quiet``
-    (sources this host lacks, reported once at start-up), which go to DEBUG.
-    """
-    child_status, timed_out, errors = None, False, []
-    chatter = not nsjail_log.isEnabledFor(logging.INFO)
-    for line in data.splitlines():
-        if chatter and line.startswith(b"[I]") and b"pid=" not in line:
-            continue    # mounts and parameters, a dozen lines a run; no one is listening
-        match = _NSJAIL_LINE.match(line)
-        level, message = (_LEVELS[match[1]], match[2]) if match else (logging.WARNING, line)
-        exited, signaled = _EXITED.search(message), _SIGNALED.search(message)
-        if exited:
-            child_status = int(exited[1])
-        elif signaled:
-            child_status = 128 + int(signaled[1])
-        elif _TIME_LIMIT.search(message):
-            timed_out = True
-        text = message.decode("utf-8", "replace")
-        if level == logging.WARNING and any(f"'{p}'" in text for p in quiet):
-            level = logging.DEBUG
-        elif level >= logging.ERROR:
-            errors.append(text)
-        nsjail_log.log(level, "%s", text)
-    return NsjailReport(child_status, timed_out, errors)
-
-
-def _peer_gone(sock: socket.socket) -> bool:
-    """Whether the peer of a connected socket has closed it or reset it (never waits)."""
-    try:
-        if not select.select([sock], [], [], 0)[0]:
-            return False
-        # Readable: either data (a pipelined request) or the end of the stream.
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except (BlockingIOError, InterruptedError, TimeoutError, socket.timeout):
-        return False
-    except OSError:
-        return True
 
 
 # --------------------------------------------------------------------------------------

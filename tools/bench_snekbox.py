@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -98,6 +99,7 @@ def measure(args: argparse.Namespace) -> dict:
     all alike. Latencies in ms, rates in requests per second."""
     servers = start_servers(args)
     results: dict = {"workers": args.workers, "servers": {}, "floor": {}}
+    shuffle = random.Random(2026).shuffle
     floor = Floor()
     try:
         clients = {name: Client(s["host"], s["port"]) for name, s in servers.items()}
@@ -109,11 +111,15 @@ def measure(args: argparse.Namespace) -> dict:
                                    ("heavy", HEAVY, max(10, args.requests // 5))):
             served = {name: [] for name in servers}
             bare = []
+            order = [*clients, None]
             for _ in range(count):
-                for name, client in clients.items():
-                    served[name].append(client.eval(code))
-                    settle(client, servers[name])
-                bare.append(floor.run(code))
+                shuffle(order)      # no one always runs right after the same other
+                for name in order:
+                    if name is None:
+                        bare.append(floor.run(code))
+                    else:
+                        served[name].append(clients[name].eval(code))
+                        settle(clients[name], servers[name])
             for name in servers:
                 results["servers"].setdefault(name, {})[f"{label}_c1"] = summary(served[name])
             results["floor"][f"{label}_c1"] = summary(bare)
