@@ -910,8 +910,8 @@ class Sandbox:
         if jail:
             try:
                 result = self._run_warm(jail, job, args, stdin, files, client)
-            except _JobNotDelivered:
-                log.warning("a warm jail died as it was handed a job; running cold instead")
+            except _WarmJailFailed:
+                log.warning("a warm jail was gone when handed its job; running cold instead")
             finally:
                 self.pool.refill()
         if result is None:
@@ -1098,7 +1098,7 @@ class Sandbox:
                             data = data[os.write(key.fd, data[:65536]):]
                         except BrokenPipeError:
                             if job and key.fd == job[0] and len(data) == len(job[1]):
-                                raise _JobNotDelivered from None
+                                raise _WarmJailFailed from None
                             data = data[:0]
                         writers[key.fd] = (data, close)
                         if not data:
@@ -1134,6 +1134,8 @@ class Sandbox:
             result = self._communicate(jail.proc, jail.log_r, stdin, client,
                                        job=(jail.job_w, payload, jail.close_job),
                                        own_time_limit=True)
+            if result.returncode is None:
+                raise _WarmJailFailed    # its interpreter never ran the job: died waiting
             self._collect(jail.memfs, unchanged, result)
             return result
         finally:
@@ -1284,8 +1286,8 @@ except BaseException as e:
 WARM_MAX_IDLE = 300     # seconds a warm jail may wait; older ones are replaced
 
 
-class _JobNotDelivered(Exception):
-    """The warm jail was gone before it could take its job."""
+class _WarmJailFailed(Exception):
+    """The warm jail was gone before it could run its job (a cold start will)."""
 
 
 def warm_job(args: Sequence[str], uploaded: set[str]) -> tuple[str, list[str], str] | None:
