@@ -2054,7 +2054,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("snekbox listening on http://%s:%d with %d workers (nsjail %s, cgroup v%d)",
              f"[{host}]" if ":" in host else host, port, settings.workers, sandbox.nsjail,
              sandbox.cgroups.version)
-    while not stop.wait(3600):
+    # A signal that lands on another thread only flags the main one, which acts on it
+    # when it next runs: so wake up now and then instead of sleeping on the event.
+    while not stop.wait(0.5):
         pass
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_IGN)    # already stopping; bounded by the time limit
