@@ -1374,6 +1374,7 @@ def select_readable(sock: socket.socket) -> bool:
 class ProcessTests(unittest.TestCase):
     def test_sigterm_finishes_running_evaluations_and_exits_0(self):
         server = Server("--workers", "1")
+        self.addCleanup(server.stop, 9)     # if the test fails half-way
         root = server.memfs_root()
         self.assertTrue(os.path.isdir(root))
         with ThreadPoolExecutor(2) as pool:
@@ -1387,6 +1388,7 @@ class ProcessTests(unittest.TestCase):
 
     def test_kill_9_and_restart_leaves_nothing_behind(self):
         server = Server("--workers", "2")
+        self.addCleanup(server.stop, 9)     # if the test fails half-way
         root = server.memfs_root()
         with ThreadPoolExecutor(2) as pool:
             for _ in range(2):
@@ -1399,6 +1401,7 @@ class ProcessTests(unittest.TestCase):
             server.stop(9)
         self.assertTrue(nsjail_pids_using(root))        # orphans still running
         restarted = Server("--workers", "1")
+        self.addCleanup(restarted.stop, 9)     # if the test fails half-way
         try:
             self.assertEqual(nsjail_pids_using(root), [])
             self.assertEqual(mounts_below(root), [])
@@ -1415,6 +1418,7 @@ class ProcessTests(unittest.TestCase):
 
     def test_sigterm_under_load(self):
         server = Server("--workers", "1", "--max-queue", "4")
+        self.addCleanup(server.stop, 9)     # if the test fails half-way
         with ThreadPoolExecutor(4) as pool:
             first = pool.submit(server.eval, input="import time; time.sleep(1); print('ran')")
             self.assertTrue(wait_until(lambda: server.request("GET", "/health")[2]["running"] == 1))
@@ -1431,6 +1435,7 @@ class ProcessTests(unittest.TestCase):
         link = os.path.join(folder, "nsjail")
         os.symlink(os.path.realpath(snekbox.find_nsjail()), link)
         server = Server("--nsjail", link)
+        self.addCleanup(server.stop, 9)     # if the test fails half-way
         try:
             os.rename(link, link + ".away")
             status, _, data = server.post({"args": [*COLD, "-c", "print(1)"]})
@@ -1451,6 +1456,7 @@ class ProcessTests(unittest.TestCase):
         with open(config, "w") as f:
             f.write(text)
         server = Server("--config", config, "--prewarm", "0")
+        self.addCleanup(server.stop, 9)     # if the test fails half-way
         parent = os.path.join(snekbox.JailConfig.from_file(config).pids_mount, "NSJAIL-test")
         try:
             os.rmdir(parent)
