@@ -1351,9 +1351,14 @@ class WarmJail:
         return self.proc.poll() is None and time.monotonic() - self.started < WARM_MAX_IDLE
 
     def discard(self) -> None:
-        """Stop the jail if it still runs, close its pipes and remove its tmpfs."""
-        if self.proc.poll() is None:
-            self.proc.terminate()       # nsjail kills the jail and removes its cgroups
+        """End the jail if it still runs, close its pipes and remove its tmpfs."""
+        # The end of its job pipe makes a waiting interpreter exit, and nsjail tidy up
+        # after it; a signal while nsjail still sets the jail up would leave its cgroup.
+        self.close_job()
+        try:
+            self.proc.wait(KILL_GRACE)
+        except subprocess.TimeoutExpired:
+            self.proc.terminate()
             try:
                 self.proc.wait(KILL_GRACE)
             except subprocess.TimeoutExpired:
@@ -1362,7 +1367,6 @@ class WarmJail:
         for stream in (self.proc.stdin, self.proc.stdout):
             if not stream.closed:
                 stream.close()
-        self.close_job()
         for fd in (self.log_r, self.ready_r):
             if fd is not None:
                 os.close(fd)

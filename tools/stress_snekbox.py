@@ -53,8 +53,22 @@ class Target:
 
     def start(self, port: int | None = None) -> None:
         self.proc, self.port, _ = start_server(self.args.python, "--workers",
-                                               str(self.args.workers), port=port)
+                                               str(self.args.workers), "--prewarm",
+                                               str(self.args.prewarm), port=port)
+        self.wait_idle()
         self.baseline = self.resources()
+
+    def wait_idle(self, timeout: float = 15) -> None:
+        """Until nothing runs or waits and the warm pool is full again."""
+        client = self.client()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            health = client.health()
+            if health and health["running"] == 0 and health["waiting"] == 0 \
+                    and health.get("warm", 0) >= self.args.prewarm:
+                break
+            time.sleep(0.05)
+        client.close()
 
     @property
     def local(self) -> bool:
@@ -92,20 +106,16 @@ class Target:
         return result
 
     def leaks(self) -> dict:
-        """What is left once the server has gone idle, beyond its baseline."""
-        client = self.client()
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            health = client.health()
-            if health and health["running"] == 0 and health["waiting"] == 0:
-                break
-            time.sleep(0.05)
-        client.close()
+        """What is left once the server has gone idle, beyond what an idle one holds."""
+        self.wait_idle()
         time.sleep(self.args.settle)      # let connections close and threads end
         now = self.resources()
-        # An idle server has no jails, mounts or cgroups; its fds and threads are compared
-        # with what it had when it started.
-        return {k: max(0, v - self.baseline.get(k, 0)) if k in ("fds", "threads") else v
+        # An idle server holds its warm jails (a tmpfs and two cgroups each) and nothing
+        # else on the host; its fds and threads are compared with its own at start.
+        idle = {"jails": self.args.prewarm, "mounts": self.args.prewarm,
+                "cgroups": 2 * self.args.prewarm} if self.local and self.proc.poll() is None \
+            else {}
+        return {k: max(0, v - (self.baseline.get(k, 0) if k in ("fds", "threads") else idle.get(k, 0)))
                 for k, v in now.items()}
 
     def peak_rss(self) -> float:
@@ -256,6 +266,7 @@ def phase_sigterm(target: Target) -> dict:
     code = target.proc.wait(30)
     out = tally(results)
     out["exit_code"] = code
+    time.sleep(target.args.settle)
     out["leaked"] = target.resources()     # the server is gone: jails, mounts, cgroups
     out["peak_rss_mib"] = peak
     return out
@@ -306,6 +317,8 @@ def main() -> int:
     p.add_argument("--url", help="stress a running server on loopback instead of starting one")
     p.add_argument("--workers", type=int, default=2, help="server workers (default: 2)")
     p.add_argument("--python", default=DEBIAN_PYTHON, help="interpreter for the server")
+    p.add_argument("--prewarm", type=int, default=snekbox.Settings.prewarm,
+                   help="the server's warm jails (default: snekbox's default)")
     p.add_argument("--overload-seconds", type=float, default=30)
     p.add_argument("--phase-seconds", type=float, default=8, help="length of the other phases")
     p.add_argument("--settle", type=float, default=1.0, help="seconds to wait before counting leaks")
