@@ -824,7 +824,8 @@ class Sandbox:
     """Runs code in nsjail with the policy of a config file; thread-safe.
 
     Creating one prepares the host (cgroups, the folder for per-evaluation tmpfs
-    mounts, leftovers of a crashed server); ``run`` does one evaluation.
+    mounts, leftovers of a crashed server); ``run`` does one evaluation. With
+    ``prewarm`` > 0 it keeps that many warm jails (see WarmPool); ``close`` ends them.
     """
 
     def __init__(self, config: str = DEFAULT_CONFIG, nsjail: str | None = None, *,
