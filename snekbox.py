@@ -1394,7 +1394,8 @@ class WarmPool:
             return sum(jail.is_booted() for jail in self._ready)
 
     def take(self) -> WarmJail | None:
-        """A warm jail to use, or None when none is ready (the caller starts cold).
+        """The oldest warm jail (booted, or nearly), or None when the pool is empty and
+        the caller must start cold.
 
         Call ``refill`` once the evaluation is over: a new jail booting meanwhile would
         compete with it for the CPU and the kernel's namespace locks.
