@@ -508,7 +508,7 @@ class File(collections.namedtuple("File", "path content", defaults=(b"",))):
 
 
 class MemFS:
-    """A tmpfs of its own for one evaluation, unmounted and removed on exit."""
+    """A tmpfs of its own for one evaluation: ``mount`` it, then ``remove`` it."""
 
     def __init__(self, root: str, name: str, size: int):
         self.path = os.path.join(root, name)
@@ -996,30 +996,25 @@ class Sandbox:
     def _run_in(self, home: str, args: list[str], stdin: bytes, executable: str | None,
                 client: socket.socket | None) -> EvalResult:
         log_r, log_w = os.pipe()
-        code_fd = None
+        code_fds: tuple[int, ...] = ()
         index = code_argument_index(args)
-        code = None
-        if index is not None and len(args[index].encode("utf-8")) > MAX_ARG_BYTES:
-            code = args[index].encode("utf-8")
         try:
-            if code is not None:
-                code_fd = os.memfd_create("snekbox-code", 0)
-                os.write(code_fd, code)
-                os.lseek(code_fd, 0, os.SEEK_SET)
-                args[index] = _LARGE_CODE_BOOTSTRAP.format(fd=code_fd)
-            command = self.command(home, log_w, args, executable=executable,
-                                   pass_fds=() if code_fd is None else (code_fd,))
+            if index is not None and len(args[index].encode("utf-8")) > MAX_ARG_BYTES:
+                code_fds = (os.memfd_create("snekbox-code", 0),)
+                os.write(code_fds[0], args[index].encode("utf-8"))
+                os.lseek(code_fds[0], 0, os.SEEK_SET)
+                args[index] = _LARGE_CODE_BOOTSTRAP.format(fd=code_fds[0])
+            command = self.command(home, log_w, args, executable=executable, pass_fds=code_fds)
             try:
                 proc = subprocess.Popen(
                     command, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={},
-                    pass_fds=(log_w,) if code_fd is None else (log_w, code_fd))
+                    pass_fds=(log_w, *code_fds))
             except OSError as e:
                 raise SandboxUnavailable(f"cannot start nsjail ({self.nsjail}): {e.strerror}") from e
         finally:
-            os.close(log_w)
-            if code_fd is not None:
-                os.close(code_fd)
+            for fd in (log_w, *code_fds):
+                os.close(fd)
         try:
             return self._communicate(proc, log_r, stdin, client)
         finally:
@@ -1098,9 +1093,7 @@ class Sandbox:
                         try:
                             data = data[os.write(key.fd, data[:65536]):]
                         except BrokenPipeError:
-                            if job and key.fd == job[0] and len(data) == len(job[1]):
-                                raise _WarmJailFailed from None
-                            data = data[:0]
+                            data = data[:0]     # the reader is gone; its exit says the rest
                         writers[key.fd] = (data, close)
                         if not data:
                             sel.unregister(key.fd)

@@ -14,7 +14,9 @@ import base64
 import http.client
 import json
 import os
+import random
 import re
+import select
 import shutil
 import socket
 import subprocess
@@ -1315,7 +1317,6 @@ class RobustnessTests(ServerTestCase):
             lambda: len(nsjail_pids_using(self.server.memfs_root())) <= PREWARM))
 
     def test_fuzzed_requests_get_an_answer_or_a_clean_close(self):
-        import random
         rng = random.Random(20261126)
         valid = [raw_eval("print(1)"), b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n",
                  b"POST /eval HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Type: "
@@ -1363,7 +1364,6 @@ class RobustnessTests(ServerTestCase):
 
 
 def select_readable(sock: socket.socket) -> bool:
-    import select
     return bool(select.select([sock], [], [], 0)[0])
 
 
