@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import bisect
 import collections
 import ctypes
 import errno
@@ -63,12 +64,14 @@ import logging
 import os
 import posixpath
 import re
+import resource
 import select
 import selectors
 import signal
 import socket
 import socketserver
 import stat
+import struct
 import subprocess
 import sys
 
@@ -79,6 +82,7 @@ if __name__ == "__main__":
 
 import threading
 import time
+import http.client
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from collections.abc import Callable, Iterable, Sequence
@@ -101,13 +105,24 @@ DEFAULT_MEMFS_ROOT = "/run/snekbox"
 NSJAIL_PLACES = ("/usr/sbin/nsjail", "/usr/local/sbin/nsjail", "/usr/bin/nsjail",
                  "/usr/local/bin/nsjail", "/sbin/nsjail", "/bin/nsjail")
 
-JAIL_UID = 65534             # the jailed process's user and group, inside and outside
+JAIL_UID = 65534             # the jailed process's user and group inside its namespace
+# Outside, each live jail is a host user of its own (see JailUsers), taken from a block of
+# JAIL_UID_BLOCK uids: a random one in this range unless --jail-uid-base names one. The
+# range lies above sssd's default ids and systemd's container ranges, below 2**31.
+JAIL_UIDS_FROM, JAIL_UIDS_TO = 2_001_000_000, 2_147_000_000
+JAIL_UID_BLOCK = 1024
 JAIL_HOME = "/home"          # where each evaluation's tmpfs appears in the jail
 JAIL_USER_BASE = "/snekbox/user-base"   # where --user-base appears (PYTHONUSERBASE)
 MAX_ARG_BYTES = 128 * 1024 - 1          # Linux's limit on one argument (MAX_ARG_STRLEN)
 MAX_ARGS_TOTAL = 1 * MiB                # what snekbox accepts for all arguments together
 MAX_ARGS_COUNT = 10_000
 MAX_FILE_DEPTH = 32                     # folders below /home that are looked into
+MAX_NAME_BYTES = 255                    # one part of a path (Linux's NAME_MAX)
+MAX_PATH_BYTES = 4095                   # a whole path (PATH_MAX less the NUL)
+MAX_OUTPUT_FOLDERS = 1000               # folders looked into for output files
+MAX_HEAD_BYTES = 64 * 1024              # a request line and its headers together
+MAX_NSJAIL_LOG = 1 * MiB                # nsjail log kept per evaluation
+SIGPENDING_LIMIT = 64                   # real-time signals a jail may have queued
 MIN_UPLOAD_RATE = 64 * 1024   # bytes/s a body may take beyond --client-timeout
 KILL_GRACE = 3.0             # seconds past the jail's time limit before nsjail is killed
 CGROUP_ROOT = "/sys/fs/cgroup"
@@ -138,6 +153,8 @@ class Settings:
     client_timeout: float = 10.0
     max_connections: int = 256
     prewarm: int = 2
+    max_body_memory: int = 0      # 0: 4 times max_request_size
+    jail_uid_base: int = 0        # 0: a random block
     log_level: str = "INFO"
 
     def __init__(self, **values):
@@ -149,6 +166,22 @@ class Settings:
     @property
     def queue_limit(self) -> int:
         return self.max_queue or 8 * self.workers
+
+    @property
+    def body_budget(self) -> int:
+        return self.max_body_memory or 4 * self.max_request_size
+
+
+class InvalidRequest(ValueError):
+    """The evaluation can't run as asked (the client's fault); ``status`` is 400 or 413."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class SandboxUnavailable(RuntimeError):
+    """The jail can't be started right now (the host's fault, not the request's)."""
 
 
 # --------------------------------------------------------------------------------------
@@ -263,6 +296,9 @@ class JailConfig(collections.namedtuple("JailConfig", [
         def flag(entry: dict, name: str, default: bool) -> bool:
             return entry.get(name, ["true" if default else "false"])[-1] == "true"
 
+        if "uidmap" in fields or "gidmap" in fields:
+            raise ValueError("remove uidmap and gidmap: snekbox maps the jail's user "
+                             f"({JAIL_UID} inside) to a host user of its own for each jail")
         exec_bin = fields.get("exec_bin", [{}])[-1]
         if not isinstance(exec_bin, dict) or not exec_bin.get("path"):
             raise ValueError("exec_bin { path: ... } is required: the interpreter to run")
@@ -468,9 +504,9 @@ MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
 MNT_DETACH = 2
 
 
-def mount_tmpfs(target: str, size: int) -> None:
-    """Mount a tmpfs of ``size`` bytes at ``target``, owned by the jail's user."""
-    options = f"size={size},mode=0700,uid={JAIL_UID},gid={JAIL_UID}".encode()
+def mount_tmpfs(target: str, size: int, uid: int) -> None:
+    """Mount a tmpfs of ``size`` bytes at ``target``, owned by host user (and group) ``uid``."""
+    options = f"size={size},mode=0700,uid={uid},gid={uid}".encode()
     if _libc.mount(b"tmpfs", target.encode(), b"tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
                    options) != 0:
         code = ctypes.get_errno()
@@ -507,17 +543,78 @@ class File(collections.namedtuple("File", "path content", defaults=(b"",))):
                 "content": base64.b64encode(self.content).decode("ascii")}
 
 
-class MemFS:
-    """A tmpfs of its own for one evaluation: ``mount`` it, then ``remove`` it."""
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
-    def __init__(self, root: str, name: str, size: int):
+
+def upload_path(path: str, name: str) -> str:
+    """``path`` made normal, if it names a file that may be written under /home; else
+    InvalidRequest(400) saying why, the field called ``name``."""
+    if not path:
+        raise InvalidRequest(400, f"{name} must not be empty")
+    if "\0" in path:
+        raise InvalidRequest(400, f"{name} must not contain a NUL character")
+    if not _is_utf8(path):
+        raise InvalidRequest(400, f"{name} contains a lone surrogate (invalid Unicode)")
+    if path.startswith("/"):
+        raise InvalidRequest(400, f"{name} {path!r} must be relative to /home")
+    normal = posixpath.normpath(path)
+    if normal == ".." or normal.startswith("../"):
+        raise InvalidRequest(400, f"{name} {path!r} leads outside /home")
+    if normal == "." or path.endswith("/"):
+        raise InvalidRequest(400, f"{name} {path!r} must name a file")
+    parts = normal.split("/")
+    if len(parts) > MAX_FILE_DEPTH:
+        raise InvalidRequest(400, f"{name} {path[:100]!r}... is over {MAX_FILE_DEPTH} "
+                                  "folders deep")
+    if len(path.encode()) > MAX_PATH_BYTES or any(len(p.encode()) > MAX_NAME_BYTES for p in parts):
+        raise InvalidRequest(400, f"{name} {path[:100]!r} is too long: at most "
+                                  f"{MAX_NAME_BYTES} bytes a name, {MAX_PATH_BYTES} in all")
+    return normal
+
+
+def check_files(files: Iterable[File], limit: int) -> list[File]:
+    """The uploads with their paths made normal; InvalidRequest naming the first one
+    that can't be written under /home, TypeError for what isn't a File of bytes."""
+    if isinstance(files, (str, bytes)):
+        raise TypeError(f"files must be a list of File, not {type(files).__name__}")
+    checked: list[File] = []
+    seen = set()
+    for i, upload in enumerate(files):
+        if not isinstance(upload, File):
+            raise TypeError(f"files[{i}] must be a File, not {type(upload).__name__}")
+        if not isinstance(upload.path, str):
+            raise TypeError(f"files[{i}].path must be a str, not {type(upload.path).__name__}")
+        if not isinstance(upload.content, (bytes, bytearray, memoryview)):
+            raise TypeError(f"files[{i}].content must be bytes, not "
+                            f"{type(upload.content).__name__}")
+        if i >= limit:
+            raise InvalidRequest(400, f"files: at most {limit} files")
+        path = upload_path(upload.path, f"files[{i}].path")
+        if path in seen:
+            raise InvalidRequest(400, f"files[{i}].path {path!r} is given twice")
+        seen.add(path)
+        checked.append(File(path, upload.content))
+    return checked
+
+
+class MemFS:
+    """A tmpfs of its own for one evaluation, owned by the jail's host user ``uid``:
+    ``mount`` it, ``write_files`` into it, ``collect_files`` after the run, ``remove`` it."""
+
+    def __init__(self, root: str, name: str, size: int, uid: int = JAIL_UID):
         self.path = os.path.join(root, name)
         self.size = size
+        self.uid = uid
 
     def mount(self) -> None:
         os.mkdir(self.path, 0o700)
         try:
-            mount_tmpfs(self.path, self.size)
+            mount_tmpfs(self.path, self.size, self.uid)
         except OSError:
             os.rmdir(self.path)
             raise
@@ -529,48 +626,60 @@ class MemFS:
         except OSError:
             log.exception("could not remove the evaluation's tmpfs at %s", self.path)
 
-    def write_files(self, files: Sequence[File]) -> dict[str, tuple[int, int]]:
-        """Write the uploaded files for the jail's user; return ``{path: (inode, ctime)}``.
+    def write_files(self, files: Sequence[File], limit: int = 100,
+                    timeout: float = 5.0) -> dict[str, tuple[int, int]]:
+        """Write the uploads (checked with ``check_files`` first) for the jail's user;
+        return ``{path: (inode, ctime)}``.
 
-        Raises InvalidRequest naming the file when one can't be written.
+        Raises InvalidRequest naming the file when one can't be written, or when writing
+        takes over ``timeout`` seconds.
         """
+        deadline = time.monotonic() + timeout
         written = {}
-        for upload in files:
-            target = os.path.join(self.path, upload.path)
+        for i, upload in enumerate(check_files(files, limit)):
+            if time.monotonic() > deadline:
+                raise InvalidRequest(413, f"files: writing the uploads took over {timeout:g} s")
             try:
-                self._make_parents(os.path.dirname(upload.path))
-                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-                try:
-                    os.fchown(fd, JAIL_UID, JAIL_UID)
-                    view = memoryview(upload.content)
-                    while view:
-                        view = view[os.write(fd, view):]
-                    st = os.fstat(fd)
-                finally:
-                    os.close(fd)
+                st = self._write(upload)
             except OSError as e:
                 if e.errno == errno.ENOSPC:
                     raise InvalidRequest(
-                        413, f"files: {upload.path!r} does not fit: the files may take "
+                        413, f"files[{i}]: {upload.path!r} does not fit: the files may take "
                              f"{self.size // MiB} MiB in all") from None
-                if e.errno == errno.EEXIST:
-                    reason = "is given twice, or is a folder of another file"
+                if e.errno in (errno.EEXIST, errno.ENOTDIR):
+                    reason = "is a folder of another file, or a file in one's place"
                 else:
                     reason = f"cannot be written: {e.strerror}"
-                raise InvalidRequest(400, f"files: {upload.path!r} {reason}") from None
+                raise InvalidRequest(400, f"files[{i}].path {upload.path!r} {reason}") from None
             written[upload.path] = (st.st_ino, st.st_ctime_ns)
         return written
 
-    def _make_parents(self, relative: str) -> None:
-        path = self.path
-        for part in relative.split("/") if relative else ():
-            path = os.path.join(path, part)
-            try:
-                os.mkdir(path, 0o755)
-                os.chown(path, JAIL_UID, JAIL_UID)
-            except FileExistsError:
-                if not stat.S_ISDIR(os.lstat(path).st_mode):
-                    raise OSError(errno.EEXIST, "a file has that folder's name") from None
+    def _write(self, upload: File) -> os.stat_result:
+        # Folder by folder through descriptors that never follow a symlink.
+        *folders, name = upload.path.split("/")
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+        dir_fd = os.open(self.path, flags)
+        try:
+            for part in folders:
+                try:
+                    os.mkdir(part, 0o755, dir_fd=dir_fd)
+                    os.chown(part, self.uid, self.uid, dir_fd=dir_fd, follow_symlinks=False)
+                except FileExistsError:
+                    pass
+                parent, dir_fd = dir_fd, os.open(part, flags, dir_fd=dir_fd)
+                os.close(parent)
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644,
+                         dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
+        try:
+            os.fchown(fd, self.uid, self.uid)
+            view = memoryview(upload.content)
+            while view:
+                view = view[os.write(fd, view):]
+            return os.fstat(fd)
+        finally:
+            os.close(fd)
 
     def collect_files(self, unchanged: dict[str, tuple[int, int]], limit: int,
                       timeout: float) -> tuple[list[File], str | None]:
@@ -579,47 +688,50 @@ class MemFS:
         Hidden paths (a part starting with ".") and anything but regular files are
         skipped; symlinks are never followed. Bounded: ``limit`` files, the tmpfs size
         in bytes (sparse files and hard links count their full size), ``timeout``
-        seconds and MAX_FILE_DEPTH folders. Returns the files and, when something
-        could not be returned, why.
+        seconds, MAX_FILE_DEPTH folders deep and MAX_OUTPUT_FOLDERS folders. The walk
+        holds no more than that, whatever the jail made. Returns the files and, when
+        something could not be returned, why.
         """
         deadline = time.monotonic() + timeout
-        found: list[tuple[str, os.stat_result]] = []
+        kept: list[tuple[str, os.stat_result]] = []     # the first `limit` paths, sorted
+        written = 0
         problems: list[str] = []
-        stack = [("", self.path, 0)]
-        while stack:
-            relative, folder, depth = stack.pop()
+        folders = [("", self.path, 0)]
+        looked_into = 0
+        while folders:
+            relative, folder, depth = folders.pop()
             try:
-                entries = list(os.scandir(folder))
+                with os.scandir(folder) as entries:
+                    for entry in entries:
+                        if time.monotonic() > deadline:
+                            return [], f"listing the output files took over {timeout:g} s"
+                        path = f"{relative}/{entry.name}" if relative else entry.name
+                        if entry.name.startswith("."):
+                            continue
+                        if not _is_utf8(path):
+                            problems.append("a file name is not valid UTF-8 and was skipped")
+                        elif entry.is_dir(follow_symlinks=False):
+                            if depth + 1 >= MAX_FILE_DEPTH:
+                                problems.append(f"folders deeper than {MAX_FILE_DEPTH} were skipped")
+                            elif looked_into >= MAX_OUTPUT_FOLDERS:
+                                problems.append(f"only {MAX_OUTPUT_FOLDERS} folders were looked into")
+                            else:
+                                looked_into += 1
+                                folders.append((path, entry.path, depth + 1))
+                        elif entry.is_file(follow_symlinks=False):
+                            st = entry.stat(follow_symlinks=False)
+                            if unchanged.get(path) != (st.st_ino, st.st_ctime_ns):
+                                written += 1
+                                if len(kept) < limit or path < kept[-1][0]:
+                                    bisect.insort(kept, (path, st), key=lambda item: item[0])
+                                    del kept[limit:]
             except OSError as e:
                 problems.append(f"cannot list {relative or '.'}: {e.strerror}")
-                continue
-            for entry in entries:
-                if time.monotonic() > deadline:
-                    return [], f"listing the output files took over {timeout:g} s"
-                if entry.name.startswith("."):
-                    continue
-                path = f"{relative}/{entry.name}" if relative else entry.name
-                try:
-                    path.encode("utf-8")
-                except UnicodeEncodeError:
-                    problems.append("a file name is not valid UTF-8 and was skipped")
-                    continue
-                if entry.is_dir(follow_symlinks=False):
-                    if depth + 1 >= MAX_FILE_DEPTH:
-                        problems.append(f"folders deeper than {MAX_FILE_DEPTH} were skipped")
-                    else:
-                        stack.append((path, entry.path, depth + 1))
-                elif entry.is_file(follow_symlinks=False):
-                    st = entry.stat(follow_symlinks=False)
-                    if unchanged.get(path) != (st.st_ino, st.st_ctime_ns):
-                        found.append((path, st))
-        found.sort(key=lambda item: item[0])
-        if len(found) > limit:
-            problems.append(f"{len(found)} files were written; only the first {limit} "
+        if written > limit:
+            problems.append(f"{written} files were written; only the first {limit} "
                             "are returned")
-            del found[limit:]
         files, budget = [], self.size
-        for path, st in found:
+        for path, st in kept:
             if st.st_size > budget:
                 problems.append(f"the files exceed {self.size // MiB} MiB in all; "
                                 f"{path!r} and the files after it were skipped")
@@ -640,14 +752,14 @@ class MemFS:
             now = os.fstat(fd)
             if not stat.S_ISREG(now.st_mode) or now.st_ino != st.st_ino:
                 return None
-            chunks, left = [], min(now.st_size, budget)
-            while left > 0:
-                chunk = os.read(fd, min(left, MiB))
-                if not chunk:
+            size = min(now.st_size, budget)
+            content = os.read(fd, size)     # one piece of memory: no copy to join them
+            while len(content) < size:
+                more = os.read(fd, size - len(content))
+                if not more:
                     break
-                chunks.append(chunk)
-                left -= len(chunk)
-            return b"".join(chunks)
+                content += more
+            return content
         finally:
             os.close(fd)
 
@@ -725,21 +837,61 @@ def remove_memfs_folders(folders: Sequence[str]) -> int:
     return unmounted
 
 
+class JailUsers:
+    """The host uids of jails: each live jail holds one of its own, so that the kernel's
+    per-user budgets (pipe buffers, descriptors in flight, epoll watches, ...) are never
+    shared by two evaluations. A uid comes back after its jail has ended, to the end of
+    the line: the longest unused goes out next."""
+
+    def __init__(self, first: int, count: int = JAIL_UID_BLOCK):
+        self.first, self.count = first, count
+        self._free = collections.deque(range(first, first + count))
+        self._lock = threading.Lock()
+
+    @classmethod
+    def random_block(cls) -> JailUsers:
+        """A block of JAIL_UID_BLOCK uids somewhere in JAIL_UIDS_FROM..JAIL_UIDS_TO, so
+        that servers started without --jail-uid-base are unlikely to share one."""
+        blocks = (JAIL_UIDS_TO - JAIL_UIDS_FROM) // JAIL_UID_BLOCK
+        return cls(JAIL_UIDS_FROM + int.from_bytes(os.urandom(4), "big") % blocks * JAIL_UID_BLOCK)
+
+    def take(self) -> int:
+        with self._lock:
+            if not self._free:
+                raise SandboxUnavailable(f"all {self.count} host users for jails are in use")
+            return self._free.popleft()
+
+    def give_back(self, uid: int) -> None:
+        with self._lock:
+            self._free.append(uid)
+
+
+def limit_pending_signals(limit: int = SIGPENDING_LIMIT) -> None:
+    """Lower this process's RLIMIT_SIGPENDING, which nsjail and its jails inherit.
+
+    Signals queued in a jail count against root's budget on the host too (root made the
+    jail's user namespace), and nsjail sets no limit on them: without this one jail
+    could queue enough real-time signals that every root process's sigqueue fails.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_SIGPENDING)
+    if hard == resource.RLIM_INFINITY or hard > limit:
+        resource.setrlimit(resource.RLIMIT_SIGPENDING, (min(soft, limit), limit))
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _end_with_parent_thread(parent: int) -> None:
+    # Runs in the child between fork and exec: SIGTERM when the thread that started it
+    # ends, the server's death included. A parent gone already: stop here.
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 # --------------------------------------------------------------------------------------
 # The jail runner
 # --------------------------------------------------------------------------------------
-
-class InvalidRequest(ValueError):
-    """The evaluation can't run as asked (the client's fault); ``status`` is 400 or 413."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-
-
-class SandboxUnavailable(RuntimeError):
-    """The jail can't be started right now (the host's fault, not the request's)."""
-
 
 class EvalResult:
     """The outcome of one evaluation; ``to_json`` gives the HTTP answer's fields."""
@@ -760,11 +912,14 @@ class EvalResult:
                 f"files={[f.path for f in self.files]!r}, timed_out={self.timed_out}, "
                 f"truncated={self.truncated}, error={self.error!r})")
 
-    def to_json(self) -> dict:
-        return {"stdout": self.stdout, "returncode": self.returncode,
-                "files": [f.to_json() for f in self.files], "timed_out": self.timed_out,
-                "truncated": self.truncated, "duration": round(self.duration, 4),
-                "error": self.error}
+    def to_json(self, files: bool = True) -> dict:
+        """The HTTP answer's fields (without ``files``: the others only)."""
+        data = {"stdout": self.stdout, "returncode": self.returncode}
+        if files:
+            data["files"] = [f.to_json() for f in self.files]
+        data.update(timed_out=self.timed_out, truncated=self.truncated,
+                    duration=round(self.duration, 4), error=self.error)
+        return data
 
 
 # Runs `-c` code too large for one argument: the code comes on an inherited descriptor
@@ -832,7 +987,7 @@ class Sandbox:
                  max_output_size: int = 1_000_000, memfs_size: int = 48 * MiB,
                  files_limit: int = 100, files_timeout: float = 5.0,
                  user_base: str | None = None, memfs_root: str = DEFAULT_MEMFS_ROOT,
-                 prewarm: int = 0):
+                 prewarm: int = 0, jail_uid_base: int = 0):
         nsjail_path = find_nsjail(nsjail)
         if not nsjail_path:
             raise SetupError("nsjail not found on PATH or in /usr/sbin, /usr/local/sbin, "
@@ -852,6 +1007,8 @@ class Sandbox:
         self.files_timeout = files_timeout
         self.user_base = user_base
         self.cgroups = prepare_cgroups(self.config)
+        self.users = JailUsers(jail_uid_base) if jail_uid_base else JailUsers.random_block()
+        limit_pending_signals()
         self._clean_up_after_crash(memfs_root)
         with _sandbox_lock:
             self.memfs_root = os.path.join(memfs_root, f"{os.getpid()}-{next(_sandbox_numbers)}")
@@ -902,7 +1059,8 @@ class Sandbox:
         can't be started.
         """
         started = time.monotonic()
-        args = list(args)
+        args = self._check_types(args, stdin, executable_path)
+        files = check_files(files, self.files_limit)
         self._check_args(args)
         executable = self._check_executable(executable_path) if executable_path else None
         job = None if executable or not self.pool else warm_job(args, {f.path for f in files})
@@ -922,18 +1080,25 @@ class Sandbox:
 
     def _run_cold(self, args: list[str], stdin: bytes, files: Sequence[File],
                   executable: str | None, client: socket.socket | None) -> EvalResult:
-        memfs = self._new_memfs()
+        uid = self.users.take()
         try:
-            unchanged = memfs.write_files(files)
-            result = self._run_in(memfs.path, args, stdin, executable, client)
-            self._collect(memfs, unchanged, result)
+            memfs = self._new_memfs(uid)
+            try:
+                unchanged = self._write_files(memfs, files)
+                result = self._run_in(memfs.path, uid, args, stdin, executable, client)
+                self._collect(memfs, unchanged, result)
+            finally:
+                memfs.remove()
         finally:
-            memfs.remove()
+            self.users.give_back(uid)       # its nsjail has exited
         return result
 
-    def _new_memfs(self) -> MemFS:
+    def _write_files(self, memfs: MemFS, files: Sequence[File]) -> dict[str, tuple[int, int]]:
+        return memfs.write_files(files, self.files_limit, self.files_timeout)
+
+    def _new_memfs(self, uid: int) -> MemFS:
         with self._lock:
-            memfs = MemFS(self.memfs_root, str(next(self._numbers)), self.memfs_size)
+            memfs = MemFS(self.memfs_root, str(next(self._numbers)), self.memfs_size, uid)
         try:
             memfs.mount()
         except OSError as e:
@@ -945,6 +1110,21 @@ class Sandbox:
             result.files, files_error = memfs.collect_files(
                 unchanged, self.files_limit, self.files_timeout)
             result.error = result.error or files_error
+
+    @staticmethod
+    def _check_types(args: Sequence[str], stdin: bytes, executable_path: str | None) -> list[str]:
+        """``args`` as a new list; TypeError for values of the wrong type (a str for
+        ``args`` would run each of its characters as an argument)."""
+        if isinstance(args, (str, bytes)) or not isinstance(args, Sequence):
+            raise TypeError(f"args must be a list of str, not {type(args).__name__}")
+        for i, arg in enumerate(args):
+            if not isinstance(arg, str):
+                raise TypeError(f"args[{i}] must be a str, not {type(arg).__name__}")
+        if not isinstance(stdin, (bytes, bytearray, memoryview)):
+            raise TypeError(f"stdin must be bytes, not {type(stdin).__name__}")
+        if executable_path is not None and not isinstance(executable_path, str):
+            raise TypeError(f"executable_path must be a str, not {type(executable_path).__name__}")
+        return list(args)
 
     def _check_args(self, args: list[str]) -> None:
         """Refuse arguments that can't be passed: NUL characters, or too large (the code
@@ -974,16 +1154,18 @@ class Sandbox:
             raise InvalidRequest(400, f"executable_path: {path!r} is not executable")
         return path
 
-    def command(self, home: str, log_fd: int, args: Sequence[str], *,
+    def command(self, home: str, uid: int, log_fd: int, args: Sequence[str], *,
                 executable: str | None = None, pass_fds: Sequence[int] = (),
                 time_limit: int | None = None) -> list[str]:
         """The nsjail command line of one evaluation (the benchmark spawns it bare).
 
-        ``home`` is the host folder that becomes /home; ``log_fd`` the descriptor nsjail
-        logs to; ``pass_fds`` those it passes on to the interpreter; ``time_limit``
-        replaces the config's.
+        ``home`` is the host folder that becomes /home; ``uid`` the host user (and
+        group) the jail's user is; ``log_fd`` the descriptor nsjail logs to;
+        ``pass_fds`` those it passes on to the interpreter; ``time_limit`` replaces the
+        config's.
         """
         command = [self.nsjail, "--config", self.config.path, *self.cgroups.nsjail_args,
+                   "--user", f"{JAIL_UID}:{uid}:1", "--group", f"{JAIL_UID}:{uid}:1",
                    "--log_fd", str(log_fd), "--bindmount", f"{home}:{JAIL_HOME}"]
         if time_limit is not None:
             command += ["--time_limit", str(time_limit)]
@@ -993,8 +1175,8 @@ class Sandbox:
             command += ["--pass_fd", str(fd)]
         return command + ["--", executable or self.config.exec_path, *self.config.exec_args, *args]
 
-    def _run_in(self, home: str, args: list[str], stdin: bytes, executable: str | None,
-                client: socket.socket | None) -> EvalResult:
+    def _run_in(self, home: str, uid: int, args: list[str], stdin: bytes,
+                executable: str | None, client: socket.socket | None) -> EvalResult:
         log_r, log_w = os.pipe()
         code_fds: tuple[int, ...] = ()
         index = code_argument_index(args)
@@ -1004,7 +1186,8 @@ class Sandbox:
                 os.write(code_fds[0], args[index].encode("utf-8"))
                 os.lseek(code_fds[0], 0, os.SEEK_SET)
                 args[index] = _LARGE_CODE_BOOTSTRAP.format(fd=code_fds[0])
-            command = self.command(home, log_w, args, executable=executable, pass_fds=code_fds)
+            command = self.command(home, uid, log_w, args, executable=executable,
+                                   pass_fds=code_fds)
             try:
                 proc = subprocess.Popen(
                     command, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
@@ -1085,7 +1268,7 @@ class Sandbox:
                     elif key.data == "log":
                         chunk = os.read(key.fd, 65536)
                         if chunk:
-                            log_data += chunk
+                            log_data += chunk[:MAX_NSJAIL_LOG - len(log_data)]
                         else:
                             sel.unregister(key.fd)
                     elif key.data == "write":
@@ -1122,7 +1305,7 @@ class Sandbox:
                   client: socket.socket | None) -> EvalResult:
         """Hand ``job`` to a warm jail, after writing ``files`` into its /home."""
         try:
-            unchanged = jail.memfs.write_files(files)
+            unchanged = self._write_files(jail.memfs, files)
             orig_argv = [self.config.exec_path, *self.config.exec_args, *args]
             payload = marshal.dumps((*job, orig_argv))
             result = self._communicate(jail.proc, jail.log_r, stdin, client,
@@ -1304,7 +1487,13 @@ class WarmJail:
     """
 
     def __init__(self, sandbox: Sandbox):
-        self.memfs = sandbox._new_memfs()
+        self.users = sandbox.users
+        self.uid = self.users.take()
+        try:
+            self.memfs = sandbox._new_memfs(self.uid)
+        except BaseException:
+            self.users.give_back(self.uid)
+            raise
         log_w = job_r = ready_w = None
         self.booted = False
         try:
@@ -1312,14 +1501,19 @@ class WarmJail:
             job_r, self.job_w = os.pipe()
             self.ready_r, ready_w = os.pipe()
             bootstrap = _WARM_BOOTSTRAP.format(fd=job_r, ready=ready_w)
-            command = sandbox.command(self.memfs.path, log_w, ["-c", bootstrap],
+            command = sandbox.command(self.memfs.path, self.uid, log_w, ["-c", bootstrap],
                                       pass_fds=(job_r, ready_w),
                                       time_limit=WARM_MAX_IDLE + sandbox.time_limit + 60)
+            # nsjail's own time limit is far off: should the server die while the jail
+            # runs a job, the parent-death signal ends it (a cold jail's limit is its own).
+            parent = os.getpid()
             self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                          stderr=subprocess.STDOUT, env={},
-                                         pass_fds=(log_w, job_r, ready_w))
+                                         pass_fds=(log_w, job_r, ready_w),
+                                         preexec_fn=lambda: _end_with_parent_thread(parent))
         except BaseException:
             self.memfs.remove()
+            self.users.give_back(self.uid)
             raise
         finally:
             for fd in (log_w, job_r, ready_w):
@@ -1366,6 +1560,7 @@ class WarmJail:
                 os.close(fd)
         self.log_r = self.ready_r = None
         self.memfs.remove()
+        self.users.give_back(self.uid)
 
 
 class WarmPool:
@@ -1445,22 +1640,24 @@ class WarmPool:
         """Stop refilling and discard every warm jail."""
         with self._cond:
             self._closed = True
+            ready, self._ready = list(self._ready), collections.deque()
             self._cond.notify_all()
+        # Before the filling thread ends: its end signals the nsjails it started, and a
+        # signal to one still setting its jail up would leave a cgroup behind.
+        for jail in ready:
+            jail.discard()
         self._thread.join(10)
-        while self._ready:
-            self._ready.popleft().discard()
 
 
 # --------------------------------------------------------------------------------------
 # Request parsing
 # --------------------------------------------------------------------------------------
 
-class HTTPError(Exception):
+class HTTPError(InvalidRequest):
     """An error answer: ``{"title": ..., "description": ...}`` with ``status``."""
 
     def __init__(self, status: int, description: str, headers: dict | None = None):
-        super().__init__(description)
-        self.status = status
+        super().__init__(status, description)
         self.title = HTTPStatus(status).phrase
         self.description = description
         self.headers = headers or {}
@@ -1491,21 +1688,12 @@ def _json_type(value: object) -> str:
     return names.get(type(value), type(value).__name__)
 
 
-def _relative_path(path: str, name: str) -> str:
-    if not path:
-        raise HTTPError(400, f"{name} must not be empty")
-    if path.startswith("/"):
-        raise HTTPError(400, f"{name} {path!r} must be relative to /home")
-    normal = posixpath.normpath(path)
-    if normal == ".." or normal.startswith("../"):
-        raise HTTPError(400, f"{name} {path!r} leads outside /home")
-    if normal == "." or path.endswith("/"):
-        raise HTTPError(400, f"{name} {path!r} must name a file")
-    return normal
-
-
 def parse_eval_request(body: bytes, files_limit: int = 100) -> EvalRequest:
-    """Validate a ``POST /eval`` body; raise HTTPError(400) naming the bad field."""
+    """Validate a ``POST /eval`` body; raise InvalidRequest naming the bad field.
+
+    The uploads are checked as ``Sandbox.run`` checks them (``check_files``), here
+    already so that a bad request is refused before it waits for a worker.
+    """
     try:
         data = json.loads(body)
     except RecursionError:
@@ -1535,22 +1723,19 @@ def parse_eval_request(body: bytes, files_limit: int = 100) -> EvalRequest:
         raise HTTPError(400, f"files must be an array, not {_json_type(raw_files)}")
     if len(raw_files) > files_limit:
         raise HTTPError(400, f"files: at most {files_limit} files")
-    files, seen = [], set()
+    files = []
     for i, item in enumerate(raw_files):
         if not isinstance(item, dict):
             raise HTTPError(400, f"files[{i}] must be an object with path and content")
         if "path" not in item:
             raise HTTPError(400, f"files[{i}].path is required")
-        path = _relative_path(_string(item["path"], f"files[{i}].path"), f"files[{i}].path")
-        if path in seen:
-            raise HTTPError(400, f"files[{i}].path {path!r} is given twice")
-        seen.add(path)
+        path = _string(item["path"], f"files[{i}].path", nul_ok=True)
         content = _string(item.get("content", ""), f"files[{i}].content")
         try:
             files.append(File(path, base64.b64decode(content, validate=True)))
         except (binascii.Error, ValueError):
             raise HTTPError(400, f"files[{i}].content of {path!r} is not valid base64") from None
-    return EvalRequest(args, stdin, files, executable)
+    return EvalRequest(args, stdin, check_files(files, files_limit), executable)
 
 
 # --------------------------------------------------------------------------------------
@@ -1627,6 +1812,28 @@ class WorkerSlots:
             self._cond.notify_all()
 
 
+class BodyBudget:
+    """The bytes of request bodies that all connections together may hold at once: a
+    body is counted from its first byte until its request has been answered."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> bool:
+        """Count ``size`` more bytes, or answer False when they don't fit."""
+        with self._lock:
+            if self.used + size > self.size:
+                return False
+            self.used += size
+            return True
+
+    def give_back(self, size: int) -> None:
+        with self._lock:
+            self.used -= size
+
+
 # --------------------------------------------------------------------------------------
 # The HTTP layer
 # --------------------------------------------------------------------------------------
@@ -1644,6 +1851,7 @@ class SnekboxServer(ThreadingHTTPServer):
         self.settings = settings
         self.sandbox = sandbox
         self.slots = WorkerSlots(settings.workers, settings.queue_limit, settings.max_wait)
+        self.bodies = BodyBudget(settings.body_budget)
         self.ready = False          # until the start-up self-test has passed
         self.stopping = False
         self._connections = threading.BoundedSemaphore(settings.max_connections)
@@ -1685,11 +1893,13 @@ def _raw_busy_response(description: str) -> bytes:
 
 
 class _DeadlineReader(io.RawIOBase):
-    """A socket's reading side that fails with a timeout once ``deadline`` passes."""
+    """A socket's reading side that fails with a timeout once ``deadline`` passes, and
+    with LineTooLong (a 431) past ``head_left`` bytes while that is set."""
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
         self.deadline = float("inf")
+        self.head_left: int | None = None
 
     def readable(self) -> bool:
         return True
@@ -1699,7 +1909,68 @@ class _DeadlineReader(io.RawIOBase):
         if remaining <= 0:
             raise socket.timeout("the client took too long")
         self.sock.settimeout(remaining)
-        return self.sock.recv_into(buffer)
+        if self.head_left is None:
+            return self.sock.recv_into(buffer)
+        if self.head_left <= 0:
+            raise http.client.LineTooLong(f"the request line and headers (over "
+                                          f"{MAX_HEAD_BYTES // 1024} KiB in all)")
+        read = self.sock.recv_into(memoryview(buffer)[:self.head_left])
+        self.head_left -= read
+        return read
+
+
+_LENGTH = re.compile(r"[0-9]{1,18}")
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,15})[ \t]*(?:;[^\r\n]*)?\r?\n?")
+ANSWER_PIECE = 48 * 1024        # bytes of a file encoded at a time (64 KiB of base64)
+
+
+def content_length(headers) -> int | None:
+    """The request's Content-Length (None without one); HTTPError(400) unless it is
+    ASCII digits, the same in every copy of the header."""
+    values = {value.strip() for value in headers.get_all("Content-Length") or ()}
+    if not values:
+        return None
+    value = values.pop()
+    if values or not _LENGTH.fullmatch(value):
+        raise HTTPError(400, "the Content-Length header is not a valid length")
+    return int(value)
+
+
+def is_chunked(headers) -> bool:
+    """Whether the body comes in chunks; HTTPError for framing a proxy in front might read
+    differently (RFC 9112, 6.1 and 6.3): another transfer coding, or one with a length."""
+    codings = headers.get_all("Transfer-Encoding")
+    if not codings:
+        return False
+    if "Content-Length" in headers:
+        raise HTTPError(400, "Content-Length and Transfer-Encoding together are ambiguous")
+    coding = ",".join(codings).strip().lower()
+    if coding != "chunked":
+        raise HTTPError(501, f"Transfer-Encoding {coding[:50]!r} is not supported; "
+                             "only chunked is")
+    return True
+
+
+def answer_pieces(result: EvalResult) -> tuple[int, Iterable[bytes]]:
+    """The JSON answer of ``result`` as its length and the pieces to send, so that a
+    big answer never stands whole in memory: files are encoded as they go out."""
+    fields = result.to_json(files=False)
+    head = _json_bytes(fields)[:-1] + b',"files":['
+    files = [(_json_bytes({"path": f.path, "size": len(f.content)})[:-1] + b',"content":"', f)
+             for f in result.files]
+    length = len(head) + sum(len(opening) + 4 * ((len(f.content) + 2) // 3) + 2
+                             for opening, f in files) + max(len(files) - 1, 0) + 2
+
+    def pieces() -> Iterable[bytes]:
+        yield head
+        for i, (opening, f) in enumerate(files):
+            yield (b"," if i else b"") + opening
+            view = memoryview(f.content)
+            for start in range(0, len(view), ANSWER_PIECE):
+                yield base64.b64encode(view[start:start + ANSWER_PIECE])
+            yield b'"}'
+        yield b"]}"
+    return length, pieces()
 
 
 class SnekboxHandler(BaseHTTPRequestHandler):
@@ -1726,6 +1997,7 @@ class SnekboxHandler(BaseHTTPRequestHandler):
     def handle_one_request(self) -> None:
         # The request line and headers (or an idle keep-alive wait) get client_timeout.
         self._reader.deadline = time.monotonic() + self.timeout
+        self._response_started = False
         super().handle_one_request()
 
     # One method for every verb: the path decides what's allowed.
@@ -1736,18 +2008,37 @@ class SnekboxHandler(BaseHTTPRequestHandler):
 
     def _handle(self) -> None:
         started = time.monotonic()
-        self._status, self._size, self._body_read = 0, 0, False
+        self._status, self._size, self._body_read, self._body_held = 0, 0, False, 0
         try:
             self._route()
-        except HTTPError as e:
-            self._send_error(e)
+        except InvalidRequest as e:
+            self._send_error(e if isinstance(e, HTTPError) else HTTPError(e.status, str(e)))
+        except OSError as e:
+            self._abort()
+            log.info("%s: connection lost: %s", self.client_address[0], e)
         except Exception:
             log.exception("bug while answering %s %s", self.command, self.path)
             self._send_error(HTTPError(500, "an internal error; the server's log has details"))
         finally:
+            self.server.bodies.give_back(self._body_held)
             log.info('%s "%s %s" %d %d %.1fms', self.client_address[0], self.command,
                      self.path[:200], self._status, self._size,
                      (time.monotonic() - started) * 1000)
+
+    def _abort(self) -> None:
+        """Close with a reset: a client that stopped reading leaves nothing queued."""
+        self.close_connection = True
+        try:
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                       struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        except OSError:
+            pass    # the rest of an answer that its client stopped reading
 
     def _route(self) -> None:
         path = self.path.split("?", 1)[0]
@@ -1785,52 +2076,53 @@ class SnekboxHandler(BaseHTTPRequestHandler):
         except Busy:
             raise HTTPError(503, "all workers are busy and the queue is full; try again",
                             headers=retry) from None
+        # The slot is held until the answer has been sent: the answers held in memory
+        # are then at most one per worker, whoever doesn't read them.
         try:
-            result = self.server.sandbox.run(
-                request.args, stdin=request.stdin, files=request.files,
-                executable_path=request.executable_path, client=self.connection)
-        except InvalidRequest as e:
-            raise HTTPError(e.status, str(e)) from None
-        except SandboxUnavailable as e:
-            log.error("%s", e)
-            raise HTTPError(503, str(e), headers=retry) from None
+            try:
+                result = self.server.sandbox.run(
+                    request.args, stdin=request.stdin, files=request.files,
+                    executable_path=request.executable_path, client=self.connection)
+            except SandboxUnavailable as e:
+                log.error("%s", e)
+                raise HTTPError(503, str(e), headers=retry) from None
+            del request
+            log.info("evaluation: returncode=%s duration=%.3fs%s%s%s", result.returncode,
+                     result.duration, " time-limit" if result.timed_out else "",
+                     " output-truncated" if result.truncated else "",
+                     f" error={result.error!r}" if result.error else "")
+            if result.error and result.error.startswith("cancelled"):
+                self.close_connection = True
+                return      # nobody to answer
+            length, pieces = answer_pieces(result)
+            self._send_answer(200, length, pieces)
         finally:
             self.server.slots.release()
-        log.info("evaluation: returncode=%s duration=%.3fs%s%s%s", result.returncode,
-                 result.duration, " time-limit" if result.timed_out else "",
-                 " output-truncated" if result.truncated else "",
-                 f" error={result.error!r}" if result.error else "")
-        if result.error and result.error.startswith("cancelled"):
-            self.close_connection = True
-            return      # nobody to answer
-        self.send_json(200, result.to_json())
 
     def _read_body(self, limit: int) -> bytes:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            if "Content-Length" in self.headers:
-                self.close_connection = True
-                raise HTTPError(400, "Content-Length and Transfer-Encoding together are ambiguous")
+        if is_chunked(self.headers):
             return self._read_chunked(limit)
-        lengths = self.headers.get_all("Content-Length") or []
-        if not lengths:
-            self.close_connection = True
+        length = content_length(self.headers)
+        if length is None:
             raise HTTPError(411, "a Content-Length header is required")
-        if len(set(lengths)) > 1 or not lengths[0].strip().isdigit():
-            self.close_connection = True
-            raise HTTPError(400, "the Content-Length header is not a valid length")
-        length = int(lengths[0])
         if length > limit:
-            self.close_connection = True
             raise HTTPError(413, f"the body is {length} bytes; the limit is {limit} bytes")
+        self._hold_body(length)
         self._reader.deadline = time.monotonic() + self.timeout + length / MIN_UPLOAD_RATE
         body = self._read_exactly(length)
         self._body_read = True
         return body
 
+    def _hold_body(self, size: int) -> None:
+        """Count ``size`` more bytes of body against the server's budget, or refuse."""
+        if not self.server.bodies.take(size):
+            raise HTTPError(503, "the server holds as many request bodies as it may; try "
+                                 "again", headers={"Retry-After": "1"})
+        self._body_held += size
+
     def _read_exactly(self, length: int) -> bytes:
         data = self._read_body_part(self.rfile.read, length)
         if len(data) < length:
-            self.close_connection = True
             raise HTTPError(400, "the body is shorter than its Content-Length")
         return data
 
@@ -1838,17 +2130,13 @@ class SnekboxHandler(BaseHTTPRequestHandler):
         started = time.monotonic()
         body = bytearray()
         while True:
-            line = self._read_body_part(self.rfile.readline, 1024)
-            try:
-                size = int(line.split(b";")[0].strip(), 16)
-                if size < 0:
-                    raise ValueError
-            except ValueError:
-                self.close_connection = True
-                raise HTTPError(400, "a chunk of the chunked body has no valid size") from None
+            match = _CHUNK_SIZE.fullmatch(self._read_body_part(self.rfile.readline, 1024))
+            if not match:
+                raise HTTPError(400, "a chunk of the chunked body has no valid size")
+            size = int(match[1], 16)
             if len(body) + size > limit:
-                self.close_connection = True
                 raise HTTPError(413, f"the body is over the limit of {limit} bytes")
+            self._hold_body(size)
             self._reader.deadline = started + self.timeout + (len(body) + size) / MIN_UPLOAD_RATE
             if size == 0:
                 while self._read_body_part(self.rfile.readline, 1024).strip():
@@ -1857,38 +2145,55 @@ class SnekboxHandler(BaseHTTPRequestHandler):
                 return bytes(body)
             body += self._read_exactly(size)
             if self._read_exactly(2) != b"\r\n":
-                self.close_connection = True
                 raise HTTPError(400, "a chunk of the chunked body is malformed")
 
     def _read_body_part(self, read: Callable[[int], bytes], size: int) -> bytes:
         try:
             return read(size)
         except (TimeoutError, socket.timeout):
-            self.close_connection = True
             raise HTTPError(408, "the body did not arrive in time") from None
 
     def send_json(self, status: int, data: dict, headers: dict | None = None) -> None:
         """Send ``data`` as the whole answer, in one write where it fits."""
         body = _json_bytes(data)
+        self._send_answer(status, len(body), (body,), headers)
+
+    def _send_answer(self, status: int, length: int, pieces: Iterable[bytes],
+                     headers: dict | None = None) -> None:
+        """Send a JSON answer of ``length`` bytes, made of ``pieces``.
+
+        A client must take each piece within client_timeout and the whole at
+        MIN_UPLOAD_RATE, or the connection is closed: once the status line is out, no
+        error can be answered any more.
+        """
+        deadline = time.monotonic() + self.timeout + length / MIN_UPLOAD_RATE
         self.connection.settimeout(self.timeout)    # the read deadline may be spent
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", str(length))
         for name, value in (headers or {}).items():
             self.send_header(name, value)
         if self.close_connection or self.server.stopping:
             self.close_connection = True
             self.send_header("Connection", "close")
+        self._response_started = True
         self.end_headers()
         if self.command != "HEAD":
-            self.wfile.write(body)
+            for piece in pieces:
+                self.connection.settimeout(max(min(self.timeout, deadline - time.monotonic()), 0.001))
+                self.wfile.write(piece)
         self.wfile.flush()
-        self._status, self._size = status, len(body)
+        self._status, self._size = status, length
 
     def _send_error(self, error: HTTPError) -> None:
+        if self._response_started:
+            self.close_connection = True    # too late for another status line
+            return
         if not self._body_read and (self.headers.get("Content-Length", "0").strip() != "0"
                                     or "Transfer-Encoding" in self.headers):
             self.close_connection = True    # what is left of the body can't be a request
+        if error.status in (400, 408, 411, 413, 415, 501) and not self._body_read:
+            self.close_connection = True
         try:
             self.send_json(error.status, {"title": error.title, "description": error.description},
                            error.headers)
@@ -1896,18 +2201,28 @@ class SnekboxHandler(BaseHTTPRequestHandler):
             self.close_connection = True    # the client is gone; nothing to tell it
 
     def handle_expect_100(self) -> bool:
-        """Refuse a body that is too large before the client sends it; else 100 Continue."""
-        length = self.headers.get("Content-Length", "").strip()
+        """Refuse a body that is unusable or too large before the client sends it; else
+        100 Continue."""
         limit = self.server.settings.max_request_size
-        if length.isdigit() and int(length) > limit:
-            self.send_error(413, f"the body is {length} bytes; the limit is {limit} bytes")
+        try:
+            if not is_chunked(self.headers):
+                length = content_length(self.headers)
+                if length is not None and length > limit:
+                    raise HTTPError(413, f"the body is {length} bytes; the limit is {limit} bytes")
+        except HTTPError as e:
+            self.send_error(e.status, e.description)
             return False
         super().handle_expect_100()
         self.wfile.flush()      # wfile is buffered: the client waits for this line
         return True
 
     def parse_request(self) -> bool:
-        ok = super().parse_request()
+        # http.server bounds the request line, and each header, not all the headers.
+        self._reader.head_left = MAX_HEAD_BYTES
+        try:
+            ok = super().parse_request()
+        finally:
+            self._reader.head_left = None   # the body has limits of its own
         if ok and self.request_version == "HTTP/0.9":
             self.send_error(400, "HTTP/0.9 is not supported")
             return False
@@ -1919,7 +2234,8 @@ class SnekboxHandler(BaseHTTPRequestHandler):
             self.request_version = "HTTP/1.0"   # a status line and headers all the same
         self.close_connection = True
         self._status, self._size, self._body_read = code, 0, True
-        self._send_error(HTTPError(code, message or explain or HTTPStatus(code).description))
+        description = f"{message}: {explain}" if message and explain else message or explain
+        self._send_error(HTTPError(code, description or HTTPStatus(code).description))
         log.info('%s "%s" %d', self.client_address[0], (self.requestline or "")[:200], code)
 
     def log_request(self, code="-", size="-") -> None:
@@ -1969,6 +2285,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     add("--max-connections", "open connections at most (default: %(default)s)")
     add("--prewarm", "jails kept started and waiting for an evaluation; 0: none "
                      "(default: %(default)s)")
+    add("--max-body-memory", "bytes of request bodies held at once by all connections "
+                             "together; more get 503 (default: 4 times --max-request-size)")
+    add("--jail-uid-base", f"first of the {JAIL_UID_BLOCK} host uids that jails run as, one "
+                           "per live jail (default: a random block above 2001000000)")
     add("--log-level", "DEBUG, INFO, WARNING or ERROR (default: %(default)s)")
     return p
 
@@ -1979,6 +2299,10 @@ def settings_from_args(argv: Sequence[str] | None = None) -> Settings:
     ns = parser.parse_args(argv)
     positive = ("workers", "max_output_size", "max_request_size", "memfs_size",
                 "max_connections", "client_timeout", "files_timeout")
+    if ns.max_body_memory < 0 or ns.jail_uid_base < 0:
+        parser.error("--max-body-memory and --jail-uid-base can't be negative")
+    if ns.jail_uid_base and not 0 < ns.jail_uid_base <= 2**31 - 1 - JAIL_UID_BLOCK:
+        parser.error(f"--jail-uid-base must leave room for {JAIL_UID_BLOCK} uids below 2**31")
     for name in positive:
         if getattr(ns, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
@@ -2024,7 +2348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           max_output_size=settings.max_output_size,
                           memfs_size=settings.memfs_size, files_limit=settings.files_limit,
                           files_timeout=settings.files_timeout, user_base=settings.user_base,
-                          prewarm=settings.prewarm)
+                          prewarm=settings.prewarm, jail_uid_base=settings.jail_uid_base)
     except (SetupError, OSError) as e:
         log.critical("%s", e)
         return 1

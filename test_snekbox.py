@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+import tracemalloc
 import unittest
 import unittest.mock
 from concurrent.futures import ThreadPoolExecutor
@@ -388,10 +389,10 @@ class RequestParsingTests(unittest.TestCase):
         return snekbox.parse_eval_request(json.dumps(data).encode())
 
     def assertBad(self, body, field: str, status: int = 400):
-        with self.assertRaises(snekbox.HTTPError) as caught:
+        with self.assertRaises(snekbox.InvalidRequest) as caught:
             snekbox.parse_eval_request(body if isinstance(body, bytes) else json.dumps(body).encode())
         self.assertEqual(caught.exception.status, status)
-        self.assertIn(field, caught.exception.description)
+        self.assertIn(field, str(caught.exception))
 
     def test_input_is_appended_to_args(self):
         self.assertEqual(self.parse({"input": "print(1)"}).args, ["-c", "print(1)"])
@@ -1156,6 +1157,290 @@ class WarmJailTests(unittest.TestCase):
 
 
 # --------------------------------------------------------------------------------------
+# Attacks: on the host, its kernel quotas, the server's memory and the library API
+# --------------------------------------------------------------------------------------
+
+MiB = 1024 * 1024
+
+
+def process_uids(marker: str) -> list[int]:
+    """Host uids of the processes whose command line holds ``marker``."""
+    uids = []
+    for name in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                if marker.encode() not in f.read():
+                    continue
+            with open(f"/proc/{name}/status") as f:
+                status = dict(line.split(":", 1) for line in f)
+            if status["Name"].strip() != "nsjail":
+                uids.append(int(status["Uid"].split()[0]))
+        except (OSError, ValueError):
+            pass
+    return uids
+
+
+def peak_rss(pid: int) -> int:
+    """The highest resident memory of a process so far, in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+@local_only
+class LibraryInputTests(unittest.TestCase):
+    """The library checks what it is given, so every caller gets the checks."""
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.sandbox = snekbox.Sandbox()
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls.sandbox.close()
+
+    def test_uploads_cannot_leave_home(self):
+        canary_dir = tempfile.mkdtemp(prefix="snekbox-canary-")
+        self.addCleanup(shutil.rmtree, canary_dir)
+        target = os.path.join(canary_dir, "written")
+        for path in ("../" * 12 + target.lstrip("/"), target, "a/../../x", "", ".", "a/",
+                     "a\0b", "d/" * 40 + "f"):
+            with self.subTest(path=path[:50]):
+                with self.assertRaises(snekbox.InvalidRequest) as caught:
+                    self.sandbox.run(["-c", "pass"], files=[snekbox.File(path, b"x")])
+                self.assertEqual(caught.exception.status, 400)
+                self.assertIn("files[0].path", str(caught.exception))
+        self.assertEqual(os.listdir(canary_dir), [])
+
+    def test_wrong_types_are_clear_errors(self):
+        calls = {"a string for args": lambda: self.sandbox.run("print(1)"),
+                 "str stdin": lambda: self.sandbox.run(["-c", "pass"], stdin="text"),
+                 "str content": lambda: self.sandbox.run(
+                     ["-c", "pass"], files=[snekbox.File("a", "text")]),
+                 "a number in args": lambda: self.sandbox.run(["-c", 1]),
+                 "a path for a File": lambda: self.sandbox.run(["-c", "pass"], files=["a"])}
+        for name, call in calls.items():
+            with self.subTest(name), self.assertRaises(TypeError):
+                call()
+
+
+class AttackTests(ServerTestCase):
+    """Untrusted code against the host, its kernel and the other evaluations."""
+
+    def test_only_the_socket_families_of_a_machine_without_network(self):
+        code = """
+import socket
+# 40: AF_VSOCK, 16: AF_NETLINK (0: its routing protocol, 15: the host's device events)
+for family, protocol in ((1, 0), (2, 0), (10, 0), (16, 0), (40, 0), (16, 15), (16, 9), (17, 0),
+                         (38, 0), (30, 0), (21, 0), (15, 0), (29, 0), (44, 0), (42, 0), (31, 0)):
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM, socket.SOCK_RAW):
+        try:
+            socket.socket(family, kind, protocol).close()
+            print(family, protocol, "ok")
+            break
+        except OSError as e:
+            if kind == socket.SOCK_RAW:
+                print(family, protocol, e.errno)
+for family in (1, 40):
+    try:
+        print("pair", family, len(socket.socketpair(family)))
+    except OSError as e:
+        print("pair", family, e.errno)
+"""
+        lines = self.run_code(code)["stdout"].splitlines()
+        self.assertEqual(lines[:4], ["1 0 ok", "2 0 ok", "10 0 ok", "16 0 ok"])
+        self.assertEqual(lines[4:-2], [f"{f} {p} 97" for f, p in (
+            (40, 0), (16, 15), (16, 9), (17, 0), (38, 0), (30, 0), (21, 0), (15, 0), (29, 0),
+            (44, 0), (42, 0), (31, 0))])
+        self.assertEqual(lines[-2:], ["pair 1 2", "pair 40 97"])
+
+    @unittest.skipUnless(os.uname().machine == "x86_64", "32-bit system calls of x86")
+    def test_32_bit_system_calls_cannot_go_around_the_policy(self):
+        code = """
+import ctypes, mmap
+m = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+m.write(bytes.fromhex("53B867010000BB28000000B90100000031D2CD805BC3"))  # int 0x80 socket(AF_VSOCK)
+print("fd", ctypes.CFUNCTYPE(ctypes.c_int)(ctypes.addressof(ctypes.c_char.from_buffer(m)))())
+"""
+        result = self.run_code(code)
+        self.assertEqual((result["stdout"], result["returncode"]), ("", 159))   # SIGSYS
+
+    def test_host_wide_kernel_counters_are_out_of_reach(self):
+        # Each of these is counted against root on the host, whose user namespace the
+        # jail's is: one try each (never a loop that could use root's quota up).
+        code = """
+import ctypes, os, resource, signal, threading
+libc = ctypes.CDLL(None, use_errno=True)
+def call(name, *args):
+    result = getattr(libc, name)(*args)
+    return result if result >= 0 else -ctypes.get_errno()
+print("inotify", call("inotify_init1", 0))
+print("fanotify", call("fanotify_init", 0, 0))
+print("mqueue", call("mq_open", b"/snekbox", os.O_CREAT | os.O_RDWR, 0o600, None))
+print("memfd_secret", call("syscall", 447, 0))
+io_setup = {"x86_64": 206, "aarch64": 0}[os.uname().machine]
+print("io_setup", call("syscall", io_setup, 1, ctypes.byref(ctypes.c_ulong())))
+print("msgqueue", resource.getrlimit(resource.RLIMIT_MSGQUEUE))
+print("memlock", resource.getrlimit(resource.RLIMIT_MEMLOCK))
+soft, hard = resource.getrlimit(resource.RLIMIT_SIGPENDING)
+print("sigpending", soft <= 256 and hard <= 256)
+signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGRTMIN])
+queued = 0
+try:
+    for _ in range(300):
+        signal.pthread_kill(threading.get_ident(), signal.SIGRTMIN)
+        queued += 1
+except OSError as e:
+    print("queued", queued <= 256, e.errno)
+"""
+        lines = self.run_code(code)["stdout"].splitlines()
+        self.assertEqual(lines, ["inotify -1", "fanotify -1", "mqueue -1", "memfd_secret -1",
+                                 "io_setup -1", "msgqueue (0, 0)", "memlock (0, 0)",
+                                 "sigpending True", "queued True 11"])
+
+    @local_only
+    def test_each_jail_is_a_host_user_of_its_own(self):
+        markers = [f"snekbox-uid-probe-{i}-{random.random()}" for i in range(2)]
+        with ThreadPoolExecutor(2) as pool:
+            runs = [pool.submit(self.server.eval, args=[*COLD, "-c", f"import os, time; '{m}'; "
+                                                        "time.sleep(1.5); print(os.getuid(), os.getgid())"])
+                    for m in markers]
+            self.assertTrue(wait_until(lambda: all(process_uids(m) for m in markers)))
+            uids = [process_uids(m)[0] for m in markers]
+            self.assertEqual([r.result()["stdout"] for r in runs], ["65534 65534\n"] * 2)
+        self.assertNotEqual(uids[0], uids[1])
+        self.assertFalse({0, 65534} & set(uids), uids)
+
+
+@local_only
+class CollectFilesMemoryTests(unittest.TestCase):
+    def test_memory_is_bounded_by_the_limits_not_by_what_the_jail_made(self):
+        folder = tempfile.mkdtemp(prefix="snekbox-collect-")
+        self.addCleanup(shutil.rmtree, folder)
+        home = os.path.join(folder, "home")
+        os.mkdir(home)
+        with open(os.path.join(home, "f"), "wb") as f:
+            f.write(b"x")
+        for i in range(30000):
+            os.link(os.path.join(home, "f"), os.path.join(home, f"link{i:05}"))
+        memfs = snekbox.MemFS(folder, "home", 48 * MiB)
+        tracemalloc.start()
+        try:
+            files, error = memfs.collect_files({}, 100, 30.0)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        self.assertEqual([f.path for f in files[:2]], ["f", "link00000"])
+        self.assertEqual(len(files), 100)
+        self.assertIn("only the first 100", error)
+        self.assertLess(peak, 2 * MiB)
+
+
+@local_only
+class ServerMemoryTests(ServerTestCase):
+    flags = ("--client-timeout", "2", "--max-request-size", str(MiB),
+             "--max-body-memory", str(3 * MiB))
+
+    def test_big_answers_to_clients_that_do_not_read(self):
+        code = ("with open('out', 'wb') as f:\n    for _ in range(30):\n"
+                "        f.write(bytes(range(256)) * 4096)")
+        sockets = []
+        for _ in range(4):
+            s = socket.create_connection(("127.0.0.1", self.server.port))
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.sendall(raw_eval(code))
+            sockets.append(s)
+        time.sleep(8)           # each is cut off once it stops reading
+        for s in sockets:
+            s.settimeout(30)
+            received = b""
+            try:
+                while chunk := s.recv(1 << 20):
+                    received += chunk
+            except ConnectionResetError:
+                pass
+            s.close()
+            self.assertLessEqual(received.count(b"HTTP/1.1 "), 1, received[:200])
+            self.assertTrue(received.startswith(b"HTTP/1.1 200 ") or not received, received[:200])
+            self.assertLess(len(received), 30 * MiB)
+        self.assertLess(peak_rss(self.server.proc.pid), 200 * MiB)
+        self.assertEqual(self.run_code("print('alive')")["stdout"], "alive\n")
+        # A client that reads gets the whole answer.
+        result = self.server.eval(input=code)
+        self.assertEqual(result["files"][0]["size"], 30 * MiB)
+
+    def test_stalled_bodies_share_one_budget(self):
+        stalled = []
+        head = (b"POST /eval HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n{" % (MiB - 1))
+        for _ in range(3):
+            s = socket.create_connection(("127.0.0.1", self.server.port), timeout=10)
+            s.sendall(head)
+            stalled.append(s)
+        time.sleep(0.3)
+        started = time.monotonic()
+        answer = self.server.raw(head, timeout=5)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 503 "), answer[:200])
+        self.assertIn(b"Retry-After", answer)
+        self.assertLess(time.monotonic() - started, 1.5)
+        for s in stalled:
+            s.close()
+        self.assertTrue(wait_until(lambda: self.server.post({"input": "print(3)"})[0] == 200))
+
+    def test_uploads_are_bounded_in_depth(self):
+        files = [{"path": "d/" * 2000 + f"f{i}"} for i in range(100)]
+        status, _, data = self.server.post({"input": "", "files": files})
+        self.assertEqual(status, 413 if len(json.dumps(files)) > MiB else 400, data)
+        status, _, data = self.server.post({"input": "", "files": [{"path": "d/" * 40 + "f"}]})
+        self.assertEqual(status, 400)
+        self.assertIn("folders deep", data["description"])
+
+
+class HTTPFramingTests(ServerTestCase):
+    """Requests that a proxy in front could read differently must be refused."""
+
+    def head(self, *headers: bytes) -> bytes:
+        return (b"POST /eval HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + b"".join(h + b"\r\n" for h in headers) + b"\r\n")
+
+    def test_content_length_is_ascii_digits_only(self):
+        for value in ("\u00b2".encode(), "\u00b9".encode(), "1\u00b2".encode(), b"9" * 5000,
+                      b"+5", b"0x10", b"1_0"):
+            for expect in ((), (b"Expect: 100-continue",)):
+                with self.subTest(value=value[:10], expect=expect):
+                    answer = self.server.raw(self.head(b"Content-Length: " + value, *expect) + b"{}")
+                    self.assertRegex(answer, rb"^HTTP/1\.1 (400|413) ")
+                    self.assertIn(b'"description"', answer)
+
+    def test_chunk_sizes_are_hex_digits_only(self):
+        body = b'{"input": "print(1)"}'
+        for size in (b"0x15", b"1_5", b"+15", b"-0"):
+            with self.subTest(size=size):
+                answer = self.server.raw(self.head(b"Transfer-Encoding: chunked")
+                                         + size + b"\r\n" + body + b"\r\n0\r\n\r\n")
+                self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer[:100])
+        ok = self.server.raw(self.head(b"Transfer-Encoding: chunked", b"Connection: close")
+                             + b"15;ext=1\r\n" + body + b"\r\n0\r\n\r\n")
+        self.assertTrue(ok.startswith(b"HTTP/1.1 200 "), ok[:100])
+
+    def test_only_chunked_transfer_coding(self):
+        body = b'{"input": "print(1)"}'
+        for coding in (b"xchunked", b"gzip", b"gzip, chunked", b"chunked, chunked", b"identity"):
+            with self.subTest(coding=coding):
+                answer = self.server.raw(self.head(b"Transfer-Encoding: " + coding,
+                                                   b"Content-Length: %d" % len(body)) + body)
+                self.assertRegex(answer, rb"^HTTP/1\.1 (400|501) ")
+                answer = self.server.raw(self.head(b"Transfer-Encoding: " + coding)
+                                         + b"15\r\n" + body + b"\r\n0\r\n\r\n")
+                self.assertTrue(answer.startswith(b"HTTP/1.1 501 "), answer[:100])
+        self.assertEqual(self.run_code("print('alive')")["stdout"], "alive\n")
+
+    def test_headers_are_bounded_in_all(self):
+        headers = [b"X-Filler-%d: %s" % (i, b"y" * 8000) for i in range(60)]
+        answer = self.server.raw(self.head(*headers, b"Content-Length: 2") + b"{}")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 431 "), answer[:100])
+
+
+# --------------------------------------------------------------------------------------
 # Integration: load, faults and hostile clients
 # --------------------------------------------------------------------------------------
 
@@ -1391,8 +1676,8 @@ class ProcessTests(unittest.TestCase):
         self.addCleanup(server.stop, 9)     # if the test fails half-way
         root = server.memfs_root()
         with ThreadPoolExecutor(2) as pool:
-            for _ in range(2):
-                pool.submit(server.post, {"input": "import time; time.sleep(5)"})
+            for _ in range(2):      # cold: warm jails end with the server by themselves
+                pool.submit(server.post, {"args": [*COLD, "-c", "import time; time.sleep(5)"]})
             self.assertTrue(wait_until(lambda: server.request("GET", "/health")[2]["running"] == 2))
             time.sleep(0.2)
             jails = len(nsjail_pids_using(root))
@@ -1407,8 +1692,9 @@ class ProcessTests(unittest.TestCase):
             self.assertEqual(mounts_below(root), [])
             self.assertFalse(os.path.exists(root))
             self.assertEqual(cgroups_left(), [])
-            # The running jails are stopped; warm ones end by themselves when the server's
-            # end of their job pipe closes, or are stopped if the restart comes first.
+            # The running cold jails are stopped; warm ones end with the server (see
+            # test_a_warm_jail_ends_with_the_server_that_started_it), or are stopped if
+            # the restart comes first.
             stopped = [int(m[1]) for line in restarted.log
                        for m in [re.search(r"cleaned up after an earlier crash: stopped (\d+) jails", line)] if m]
             self.assertTrue(stopped and 2 <= stopped[0] <= 2 + PREWARM, restarted.log)
@@ -1482,6 +1768,22 @@ class ProcessTests(unittest.TestCase):
                 self.assertEqual(proc.returncode, 1)
                 self.assertIn(text, proc.stderr)
                 self.assertEqual(len(proc.stderr.strip().splitlines()), 1, proc.stderr)
+
+    def test_a_warm_jail_ends_with_the_server_that_started_it(self):
+        server = Server("--workers", "1", "--prewarm", "1")
+        self.addCleanup(server.stop, 9)
+        root = server.memfs_root()
+        self.assertTrue(wait_until(lambda: server.request("GET", "/health")[2]["warm"] == 1))
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(server.post, {"input": "import time; time.sleep(60)"})
+            self.assertTrue(wait_until(lambda: server.request("GET", "/health")[2]["running"] == 1))
+            time.sleep(0.3)
+            server.stop(9)
+        self.assertTrue(wait_until(lambda: not nsjail_pids_using(root), 6 + snekbox.KILL_GRACE),
+                        nsjail_pids_using(root))
+        restarted = Server("--workers", "1", "--prewarm", "0")     # removes the tmpfs left
+        self.assertEqual(restarted.stop(), 0)
+        self.assertEqual(mounts_below(root), [])
 
     def test_library_use(self):
         sandbox = snekbox.Sandbox()

@@ -42,13 +42,14 @@ class Floor:
 
     def __init__(self):
         self.sandbox = snekbox.Sandbox()
+        self.uid = self.sandbox.users.take()
         self.home = os.path.join(self.sandbox.memfs_root, "floor")
         os.mkdir(self.home)
-        snekbox.mount_tmpfs(self.home, self.sandbox.memfs_size)
+        snekbox.mount_tmpfs(self.home, self.sandbox.memfs_size, self.uid)
 
     def run(self, code: str) -> float:
         log_r, log_w = os.pipe()
-        command = self.sandbox.command(self.home, log_w, ["-c", code])
+        command = self.sandbox.command(self.home, self.uid, log_w, ["-c", code])
         started = time.perf_counter()
         proc = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, pass_fds=(log_w,), env={})
