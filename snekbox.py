@@ -1173,6 +1173,9 @@ class Sandbox:
             command += ["--bindmount_ro", f"{self.user_base}:{JAIL_USER_BASE}"]
         for fd in pass_fds:
             command += ["--pass_fd", str(fd)]
+        if executable:
+            # nsjail runs the config's exec_bin whatever argv[0] says, unless told.
+            command += ["--exec_file", executable]
         return command + ["--", executable or self.config.exec_path, *self.config.exec_args, *args]
 
     def _run_in(self, home: str, uid: int, args: list[str], stdin: bytes,

@@ -1042,12 +1042,60 @@ class PackagesTests(ServerTestCase):
 class ContainerTests(ServerTestCase):
     def test_python_discord_interpreter_paths(self):
         version = self.run_code("import sys; print('%d.%d' % sys.version_info[:2])")["stdout"].strip()
-        for path in ("/snekbin/python/default/bin/python", f"/snekbin/python/{version}/bin/python"):
+        for path in (f"/snekbin/python/{version}/bin/python",):
             with self.subTest(path=path):
                 result = self.server.eval(
                     args=["main.py"], executable_path=path,
                     files=[{"path": "main.py", "content": b64("import sys; print(sys.version_info[:2])")}])
                 self.assertEqual(result["stdout"], f"({version.replace('.', ', ')})\n")
+
+    # The interpreters python-discord's bot asks for, with the X.Y each must be and its
+    # build (t: free-threaded, j: JIT); those two are optional (docker build --build-arg
+    # EXTRA_PYTHONS).
+    BOT_INTERPRETERS = {"3.13": ("3.13", ""), "3.14": ("3.14", ""), "default": ("3.14", ""),
+                        "3.14t": ("3.14", "t"), "3.14j": ("3.14", "j")}
+    OPTIONAL_INTERPRETERS = {"3.14t", "3.14j"}
+    BOT_SCRIPT = """\
+import sys, json, decimal, sqlite3, ctypes, ssl, zlib, lzma, bz2, hashlib
+print(sys.version)
+print("gil", getattr(sys, "_is_gil_enabled", lambda: True)())
+print("jit", sys._jit.is_enabled() if hasattr(sys, "_jit") else None)
+print(decimal.Decimal(1) / 7, json.dumps(sqlite3.connect(":memory:").execute("select 6 * 7").fetchone()))
+with open("out.txt", "w") as f:
+    f.write("made by " + sys.executable)
+"""
+
+    def test_python_discord_bot_requests(self):
+        """The bot's own request shapes for each interpreter: !eval sends main.py and runs
+        it, !timeit runs the timeit module with a setup; it reads stdout, returncode and
+        files."""
+        for name, (version, build) in self.BOT_INTERPRETERS.items():
+            with self.subTest(interpreter=name):
+                executable = f"/snekbin/python/{name}/bin/python"
+                status, _, result = self.server.post({
+                    "args": ["main.py"], "executable_path": executable,
+                    "files": [{"path": "main.py", "content": b64(self.BOT_SCRIPT)}]})
+                if (status == 400 and name in self.OPTIONAL_INTERPRETERS
+                        and "does not exist" in result["description"]):
+                    self.skipTest(f"{executable} is not in this image")
+                self.assertEqual(status, 200, result)
+                self.assertEqual(result["returncode"], 0, result["stdout"])
+                lines = result["stdout"].splitlines()
+                self.assertTrue(lines[0].startswith(version + "."), lines[0])
+                self.assertEqual(lines[1], "gil False" if build == "t" else "gil True")
+                if build == "j":
+                    self.assertEqual(lines[2], "jit True")
+                self.assertEqual(lines[3], '0.1428571428571428571428571429 [42]')
+                self.assertEqual(result["files"], [{
+                    "path": "out.txt", "size": len("made by " + executable),
+                    "content": b64("made by " + executable)}])
+
+                result = self.server.eval(args=["-m", "timeit", "-s", "x = 1", "x + 1"],
+                                          executable_path=executable)
+                self.assertEqual(result["returncode"], 0, result["stdout"])
+                self.assertRegex(result["stdout"],
+                                 r"^\d+ loops?, best of \d+: [\d.]+ [nuµm]?sec per loop\n$")
+                self.assertEqual(result["files"], [])
 
 
 # What a program can see of how it was started; a warm jail must show the same.
