@@ -33,12 +33,12 @@ RUN case "$(dpkg --print-architecture)" in \
 
 # --- optional extra interpreters, compiled: EXTRA_PYTHONS="3.14t 3.14j" ---------------
 # The free-threaded (3.14t) and JIT (3.14j) builds that python-discord/snekbox's clients
-# may ask for have no Debian package; docker/build-pythons compiles them from Debian's
+# may ask for have no Debian package; tools/docker/build-pythons compiles them from Debian's
 # CPython source into /snekbin/python/NAME. Empty (the default): this stage does nothing.
 FROM debian:trixie-slim AS extras
 
 ARG EXTRA_PYTHONS=""
-COPY docker/forky.sources docker/build-pythons /tmp/extras/
+COPY tools/docker/forky.sources tools/docker/build-pythons /tmp/extras/
 RUN mkdir -p /snekbin/python && sh /tmp/extras/build-pythons $EXTRA_PYTHONS
 
 # --- the service -----------------------------------------------------------------------
@@ -47,8 +47,8 @@ FROM debian:trixie-slim
 # Python runs both snekbox and, inside the jail, the evaluated code; nsjail needs the
 # C++ runtime. No compilers, no pip. Trixie's python3 is 3.13; Python 3.14 comes from
 # Debian testing, pinned so that nothing else does but the C library it needs.
-COPY docker/forky.sources /etc/apt/sources.list.d/
-COPY docker/forky.pref /etc/apt/preferences.d/
+COPY tools/docker/forky.sources /etc/apt/sources.list.d/
+COPY tools/docker/forky.pref /etc/apt/preferences.d/
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3.13 python3.14 libstdc++6 \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/*
