@@ -82,6 +82,7 @@ if __name__ == "__main__":
 
 import threading
 import time
+import weakref
 import http.client
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -112,7 +113,7 @@ JAIL_UID = 65534             # the jailed process's user and group inside its na
 JAIL_UIDS_FROM, JAIL_UIDS_TO = 2_001_000_000, 2_147_000_000
 JAIL_UID_BLOCK = 1024
 JAIL_HOME = "/home"          # where each evaluation's tmpfs appears in the jail
-JAIL_USER_BASE = "/snekbox/user-base"   # where --user-base appears (PYTHONUSERBASE)
+JAIL_USER_BASE = "/snekbox/user_base"   # where --user-base appears (PYTHONUSERBASE)
 MAX_ARG_BYTES = 128 * 1024 - 1          # Linux's limit on one argument (MAX_ARG_STRLEN)
 MAX_ARGS_TOTAL = 1 * MiB                # what snekbox accepts for all arguments together
 MAX_ARGS_COUNT = 10_000
@@ -141,7 +142,7 @@ class Settings:
     port: int = 8060
     workers: int = len(os.sched_getaffinity(0))
     max_queue: int = 0            # 0: 8 per worker
-    max_wait: float = 15.0
+    max_wait: float = 0.0         # 0: as long as the client stays
     config: str = DEFAULT_CONFIG
     nsjail: str | None = None
     max_output_size: int = 1_000_000
@@ -151,6 +152,7 @@ class Settings:
     files_timeout: float = 5.0
     user_base: str | None = None
     client_timeout: float = 10.0
+    keepalive_timeout: float = 75.0     # longer than common clients' pools keep them
     max_connections: int = 256
     prewarm: int = 2
     max_body_memory: int = 0      # 0: 4 times max_request_size
@@ -172,12 +174,19 @@ class Settings:
         return self.max_body_memory or 4 * self.max_request_size
 
 
-class InvalidRequest(ValueError):
-    """The evaluation can't run as asked (the client's fault); ``status`` is 400 or 413."""
+# The titles python-discord/snekbox gives these errors; its clients may show them.
+DATA_INVALID = "Request data failed validation"
+FILE_INVALID = "Request file is invalid"
 
-    def __init__(self, status: int, message: str):
+
+class InvalidRequest(ValueError):
+    """The evaluation can't run as asked (the client's fault); ``status`` is 400 or 413,
+    ``title`` a short name of the problem (the message says it in full)."""
+
+    def __init__(self, status: int, message: str, title: str = DATA_INVALID):
         super().__init__(message)
         self.status = status
+        self.title = title
 
 
 class SandboxUnavailable(RuntimeError):
@@ -342,6 +351,13 @@ class JailConfig(collections.namedtuple("JailConfig", [
         """Sources of optional bind mounts that this host doesn't have."""
         return [m.src for m in self.mounts
                 if m.is_bind and not m.mandatory and not os.path.exists(m.src)]
+
+    def check_mandatory_mounts(self) -> None:
+        """ValueError naming the first mandatory bind mount whose source is missing."""
+        for m in self.mounts:
+            if m.is_bind and m.mandatory and not os.path.exists(m.src):
+                raise ValueError(f"the mount of {m.src} on {m.dst} is mandatory, and this host "
+                                 "has no such path: install it, or add `mandatory: false`")
 
 
 # --------------------------------------------------------------------------------------
@@ -555,25 +571,27 @@ def upload_path(path: str, name: str) -> str:
     """``path`` made normal, if it names a file that may be written under /home; else
     InvalidRequest(400) saying why, the field called ``name``."""
     if not path:
-        raise InvalidRequest(400, f"{name} must not be empty")
+        raise InvalidRequest(400, f"{name} must not be empty", FILE_INVALID)
     if "\0" in path:
-        raise InvalidRequest(400, f"{name} must not contain a NUL character")
+        raise InvalidRequest(400, f"{name} must not contain a NUL character", FILE_INVALID)
     if not _is_utf8(path):
-        raise InvalidRequest(400, f"{name} contains a lone surrogate (invalid Unicode)")
+        raise InvalidRequest(400, f"{name} contains a lone surrogate (invalid Unicode)",
+                             FILE_INVALID)
     if path.startswith("/"):
-        raise InvalidRequest(400, f"{name} {path!r} must be relative to /home")
+        raise InvalidRequest(400, f"{name} {path!r} must be relative to /home", FILE_INVALID)
     normal = posixpath.normpath(path)
     if normal == ".." or normal.startswith("../"):
-        raise InvalidRequest(400, f"{name} {path!r} leads outside /home")
+        raise InvalidRequest(400, f"{name} {path!r} leads outside /home", FILE_INVALID)
     if normal == "." or path.endswith("/"):
-        raise InvalidRequest(400, f"{name} {path!r} must name a file")
+        raise InvalidRequest(400, f"{name} {path!r} must name a file", FILE_INVALID)
     parts = normal.split("/")
     if len(parts) > MAX_FILE_DEPTH:
         raise InvalidRequest(400, f"{name} {path[:100]!r}... is over {MAX_FILE_DEPTH} "
-                                  "folders deep")
+                                  "folders deep", FILE_INVALID)
     if len(path.encode()) > MAX_PATH_BYTES or any(len(p.encode()) > MAX_NAME_BYTES for p in parts):
         raise InvalidRequest(400, f"{name} {path[:100]!r} is too long: at most "
-                                  f"{MAX_NAME_BYTES} bytes a name, {MAX_PATH_BYTES} in all")
+                                  f"{MAX_NAME_BYTES} bytes a name, {MAX_PATH_BYTES} in all",
+                             FILE_INVALID)
     return normal
 
 
@@ -593,10 +611,10 @@ def check_files(files: Iterable[File], limit: int) -> list[File]:
             raise TypeError(f"files[{i}].content must be bytes, not "
                             f"{type(upload.content).__name__}")
         if i >= limit:
-            raise InvalidRequest(400, f"files: at most {limit} files")
+            raise InvalidRequest(400, f"files: at most {limit} files", FILE_INVALID)
         path = upload_path(upload.path, f"files[{i}].path")
         if path in seen:
-            raise InvalidRequest(400, f"files[{i}].path {path!r} is given twice")
+            raise InvalidRequest(400, f"files[{i}].path {path!r} is given twice", FILE_INVALID)
         seen.add(path)
         checked.append(File(path, upload.content))
     return checked
@@ -638,19 +656,21 @@ class MemFS:
         written = {}
         for i, upload in enumerate(check_files(files, limit)):
             if time.monotonic() > deadline:
-                raise InvalidRequest(413, f"files: writing the uploads took over {timeout:g} s")
+                raise InvalidRequest(413, f"files: writing the uploads took over {timeout:g} s",
+                                     FILE_INVALID)
             try:
                 st = self._write(upload)
             except OSError as e:
                 if e.errno == errno.ENOSPC:
                     raise InvalidRequest(
                         413, f"files[{i}]: {upload.path!r} does not fit: the files may take "
-                             f"{self.size // MiB} MiB in all") from None
+                             f"{self.size // MiB} MiB in all", FILE_INVALID) from None
                 if e.errno in (errno.EEXIST, errno.ENOTDIR):
                     reason = "is a folder of another file, or a file in one's place"
                 else:
                     reason = f"cannot be written: {e.strerror}"
-                raise InvalidRequest(400, f"files[{i}].path {upload.path!r} {reason}") from None
+                raise InvalidRequest(400, f"files[{i}].path {upload.path!r} {reason}",
+                                     FILE_INVALID) from None
             written[upload.path] = (st.st_ino, st.st_ctime_ns)
         return written
 
@@ -685,8 +705,8 @@ class MemFS:
                       timeout: float) -> tuple[list[File], str | None]:
         """The regular files that the run created or changed, sorted by path.
 
-        Hidden paths (a part starting with ".") and anything but regular files are
-        skipped; symlinks are never followed. Bounded: ``limit`` files, the tmpfs size
+        Hidden and private paths (a part starting with "." or "_") and anything but
+        regular files are skipped; symlinks are never followed. Bounded: ``limit`` files, the tmpfs size
         in bytes (sparse files and hard links count their full size), ``timeout``
         seconds, MAX_FILE_DEPTH folders deep and MAX_OUTPUT_FOLDERS folders. The walk
         holds no more than that, whatever the jail made. Returns the files and, when
@@ -706,8 +726,8 @@ class MemFS:
                         if time.monotonic() > deadline:
                             return [], f"listing the output files took over {timeout:g} s"
                         path = f"{relative}/{entry.name}" if relative else entry.name
-                        if entry.name.startswith("."):
-                            continue
+                        if entry.name.startswith((".", "_")):
+                            continue    # hidden, or private as in python-discord/snekbox
                         if not _is_utf8(path):
                             problems.append("a file name is not valid UTF-8 and was skipped")
                         elif entry.is_dir(follow_symlinks=False):
@@ -988,6 +1008,9 @@ class Sandbox:
                  files_limit: int = 100, files_timeout: float = 5.0,
                  user_base: str | None = None, memfs_root: str = DEFAULT_MEMFS_ROOT,
                  prewarm: int = 0, jail_uid_base: int = 0):
+        if os.geteuid() != 0:
+            raise SetupError("snekbox must run as root: nsjail needs it for namespaces, "
+                             "cgroups and mounts")
         nsjail_path = find_nsjail(nsjail)
         if not nsjail_path:
             raise SetupError("nsjail not found on PATH or in /usr/sbin, /usr/local/sbin, "
@@ -996,8 +1019,9 @@ class Sandbox:
             raise SetupError(f"nsjail at {nsjail_path} is not an executable file")
         try:
             self.config = JailConfig.from_file(config)
+            self.config.check_mandatory_mounts()
         except (OSError, ValueError) as e:
-            raise SetupError(f"cannot read the jail config {config}: {e}") from e
+            raise SetupError(f"cannot use the jail config {config}: {e}") from e
         if user_base and (":" in user_base or not os.path.isdir(user_base)):
             raise SetupError(f"--user-base {user_base} is not a folder (or has a ':')")
         self.nsjail = os.path.abspath(nsjail_path)
@@ -1006,20 +1030,35 @@ class Sandbox:
         self.files_limit = files_limit
         self.files_timeout = files_timeout
         self.user_base = user_base
-        self.cgroups = prepare_cgroups(self.config)
+        try:
+            self.cgroups = prepare_cgroups(self.config)
+            self._clean_up_after_crash(memfs_root)
+            with _sandbox_lock:
+                self.memfs_root = os.path.join(memfs_root,
+                                               f"{os.getpid()}-{next(_sandbox_numbers)}")
+            os.makedirs(self.memfs_root, mode=0o711, exist_ok=True)
+            probe = MemFS(self.memfs_root, "probe", MiB)
+            probe.mount()           # the first tmpfs fails here rather than in the self-test
+            probe.remove()
+        except OSError as e:
+            if e.errno in (errno.EROFS, errno.EPERM, errno.EACCES):
+                raise SetupError(f"{e}: snekbox lacks the privileges to create cgroups and "
+                                 "mounts; in a container, run it with --privileged (or the "
+                                 "capabilities the README lists under Docker)") from e
+            raise
+        _live_memfs_folders.add(self.memfs_root)
         self.users = JailUsers(jail_uid_base) if jail_uid_base else JailUsers.random_block()
         limit_pending_signals()
-        self._clean_up_after_crash(memfs_root)
-        with _sandbox_lock:
-            self.memfs_root = os.path.join(memfs_root, f"{os.getpid()}-{next(_sandbox_numbers)}")
-            _live_memfs_folders.add(self.memfs_root)
-        os.makedirs(self.memfs_root, mode=0o711, exist_ok=True)
         self._quiet_mounts = self.config.missing_optional_mounts()
         if self._quiet_mounts:
-            log.info("optional mounts this host doesn't have: %s", " ".join(self._quiet_mounts))
+            # Expected wherever the config lists several Pythons' folders (the image).
+            log.debug("optional mounts this host doesn't have: %s", " ".join(self._quiet_mounts))
         self._numbers = itertools.count(1)
         self._lock = threading.Lock()
-        self.pool = WarmPool(self, prewarm) if prewarm > 0 else None
+        self.pool = WarmPool(self._warm_jail_maker(), prewarm) if prewarm > 0 else None
+        # Left without close(), garbage or at exit: no tmpfs stays behind to be taken
+        # for an earlier crash at the next start.
+        self._finalizer = weakref.finalize(self, Sandbox._release, self.pool, self.memfs_root)
 
     def _clean_up_after_crash(self, memfs_root: str) -> None:
         stale = stale_memfs_folders(memfs_root)
@@ -1041,11 +1080,33 @@ class Sandbox:
 
     def close(self) -> None:
         """Stop the warm jails and remove this sandbox's tmpfs mounts (after the last
-        ``run``)."""
-        if self.pool:
-            self.pool.close()
-        remove_memfs_folders([self.memfs_root])
-        _live_memfs_folders.discard(self.memfs_root)
+        ``run``); ``with Sandbox() as sandbox:`` does it at the end of the block."""
+        self._finalizer()
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _warm_jail_maker(self) -> Callable[[], WarmJail]:
+        # The pool's thread holds this, not the sandbox: a sandbox dropped without
+        # close() can still be collected, and its finalizer ends the pool.
+        ref = weakref.ref(self)
+
+        def start() -> WarmJail:
+            sandbox = ref()
+            if sandbox is None:
+                raise SandboxUnavailable("the sandbox was closed")
+            return WarmJail(sandbox)
+        return start
+
+    @staticmethod
+    def _release(pool: WarmPool | None, memfs_root: str) -> None:
+        if pool:
+            pool.close()
+        remove_memfs_folders([memfs_root])
+        _live_memfs_folders.discard(memfs_root)
 
     def run(self, args: Sequence[str], *, stdin: bytes = b"", files: Sequence[File] = (),
             executable_path: str | None = None,
@@ -1060,8 +1121,16 @@ class Sandbox:
         """
         started = time.monotonic()
         args = self._check_types(args, stdin, executable_path)
+        while args and args[0] == "":
+            del args[0]     # as python-discord/snekbox: leading empty arguments are dropped
         files = check_files(files, self.files_limit)
         self._check_args(args)
+        index = code_argument_index(args)
+        if index is not None and "\0" in args[index]:
+            # What Python says of such -c code; clients of python-discord/snekbox show it.
+            return EvalResult("ValueError: embedded null byte", None,
+                              error="the code contains a NUL character",
+                              duration=time.monotonic() - started)
         executable = self._check_executable(executable_path) if executable_path else None
         job = None if executable or not self.pool else warm_job(args, {f.path for f in files})
         jail = self.pool.take() if job else None
@@ -1127,11 +1196,12 @@ class Sandbox:
         return list(args)
 
     def _check_args(self, args: list[str]) -> None:
-        """Refuse arguments that can't be passed: NUL characters, or too large (the code
-        after -c may be any size: it can reach Python another way)."""
-        if any("\0" in a for a in args):
-            raise InvalidRequest(400, "args: an argument contains a NUL character")
+        """Refuse arguments that can't be passed: NUL characters (but in -c code, which
+        Python refuses itself), or too large (the code after -c may be any size: it can
+        reach Python another way)."""
         index = code_argument_index(args)
+        if any("\0" in a for i, a in enumerate(args) if i != index):
+            raise InvalidRequest(400, "args: an argument contains a NUL character")
         sizes = [len(a.encode("utf-8", "surrogatepass")) for i, a in enumerate(args) if i != index]
         if len(args) > MAX_ARGS_COUNT:
             raise InvalidRequest(413, f"args: at most {MAX_ARGS_COUNT} arguments")
@@ -1332,16 +1402,23 @@ class Sandbox:
     def _result(self, output: bytearray, log_data: bytes, status: int, truncated: bool,
                 cancelled: bool, killed: bool, timed_out: bool) -> EvalResult:
         report = read_nsjail_log(log_data, quiet=self._quiet_mounts)
-        if report.child_status is not None:
-            returncode: int | None = report.child_status
+        if truncated:
+            returncode: int | None = 128 + signal.SIGTERM     # as python-discord/snekbox
+        elif report.child_status is not None:
+            returncode = report.child_status
         elif truncated or cancelled or killed or timed_out:
             returncode = shell_status(status)
         else:
             returncode = None    # nsjail never started the process
         error = None
         if returncode is None:
+            # nsjail reports a config it can't read on its stderr, which is the output
+            # (the protobuf parser's own words as a warning).
+            errors = report.errors or [m[2].decode("utf-8", "replace")
+                                       for m in map(_NSJAIL_LINE.match, output.splitlines())
+                                       if m and (m[1] in b"EF" or b"Error parsing" in m[2])]
             error = "the jail could not start the process: " + (
-                "; ".join(report.errors) if report.errors else f"nsjail exited with status {status}")
+                "; ".join(errors) if errors else f"nsjail exited with status {status}")
         elif cancelled:
             error = "cancelled: the client went away"
         return EvalResult(stdout=output.decode("utf-8", "replace"), returncode=returncode,
@@ -1567,10 +1644,11 @@ class WarmJail:
 
 
 class WarmPool:
-    """Up to ``size`` warm jails, refilled in the background; never blocks a request."""
+    """Up to ``size`` warm jails made by ``start``, refilled in the background; never
+    blocks a request."""
 
-    def __init__(self, sandbox: Sandbox, size: int):
-        self.sandbox = sandbox
+    def __init__(self, start: Callable[[], WarmJail], size: int):
+        self.start = start
         self.size = size
         self._ready: collections.deque[WarmJail] = collections.deque()
         self._cond = threading.Condition()
@@ -1628,7 +1706,7 @@ class WarmPool:
             if len(self._ready) >= self.size:
                 continue
             try:
-                jail = WarmJail(self.sandbox)
+                jail = self.start()
             except (OSError, SandboxUnavailable) as e:
                 log.warning("cannot start a warm jail: %s", e)
                 time.sleep(1)
@@ -1649,7 +1727,8 @@ class WarmPool:
         # signal to one still setting its jail up would leave a cgroup behind.
         for jail in ready:
             jail.discard()
-        self._thread.join(10)
+        if threading.current_thread() is not self._thread:     # closed by a finalizer there
+            self._thread.join(10)
 
 
 # --------------------------------------------------------------------------------------
@@ -1657,11 +1736,12 @@ class WarmPool:
 # --------------------------------------------------------------------------------------
 
 class HTTPError(InvalidRequest):
-    """An error answer: ``{"title": ..., "description": ...}`` with ``status``."""
+    """An error answer: ``{"title": ..., "description": ...}`` with ``status``; the
+    title is the status's phrase unless given."""
 
-    def __init__(self, status: int, description: str, headers: dict | None = None):
-        super().__init__(status, description)
-        self.title = HTTPStatus(status).phrase
+    def __init__(self, status: int, description: str, headers: dict | None = None,
+                 title: str | None = None):
+        super().__init__(status, description, title or HTTPStatus(status).phrase)
         self.description = description
         self.headers = headers or {}
 
@@ -1673,15 +1753,18 @@ class EvalRequest(collections.namedtuple("EvalRequest", "args stdin files execut
     __slots__ = ()
 
 
+_SPACES = re.compile(r"[ \t\r\n]+")
+
+
 def _string(value: object, name: str, *, nul_ok: bool = False) -> str:
     if not isinstance(value, str):
-        raise HTTPError(400, f"{name} must be a string, not {_json_type(value)}")
+        raise InvalidRequest(400, f"{name} must be a string, not {_json_type(value)}")
     if not nul_ok and "\0" in value:
-        raise HTTPError(400, f"{name} must not contain a NUL character")
+        raise InvalidRequest(400, f"{name} must not contain a NUL character")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise HTTPError(400, f"{name} contains a lone surrogate (invalid Unicode)") from None
+        raise InvalidRequest(400, f"{name} contains a lone surrogate (invalid Unicode)") from None
     return value
 
 
@@ -1700,20 +1783,20 @@ def parse_eval_request(body: bytes, files_limit: int = 100) -> EvalRequest:
     try:
         data = json.loads(body)
     except RecursionError:
-        raise HTTPError(400, "the JSON is nested too deeply") from None
+        raise InvalidRequest(400, "the JSON is nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as e:
-        raise HTTPError(400, f"the body is not valid JSON: {e}") from None
+        raise InvalidRequest(400, f"the body is not valid JSON: {e}") from None
     if not isinstance(data, dict):
-        raise HTTPError(400, f"the body must be a JSON object, not {_json_type(data)}")
+        raise InvalidRequest(400, f"the body must be a JSON object, not {_json_type(data)}")
     if "input" not in data and "args" not in data:
-        raise HTTPError(400, "input or args is required")
+        raise InvalidRequest(400, "input or args is required")
 
     args = data.get("args", ["-c"] if "input" in data else None)
     if not isinstance(args, list):
-        raise HTTPError(400, f"args must be an array of strings, not {_json_type(args)}")
-    args = [_string(a, f"args[{i}]") for i, a in enumerate(args)]
+        raise InvalidRequest(400, f"args must be an array of strings, not {_json_type(args)}")
+    args = [_string(a, f"args[{i}]", nul_ok=True) for i, a in enumerate(args)]
     if "input" in data:
-        args.append(_string(data["input"], "input"))
+        args.append(_string(data["input"], "input", nul_ok=True))
 
     stdin = _string(data.get("stdin", ""), "stdin", nul_ok=True).encode("utf-8")
 
@@ -1723,21 +1806,22 @@ def parse_eval_request(body: bytes, files_limit: int = 100) -> EvalRequest:
 
     raw_files = data.get("files", [])
     if not isinstance(raw_files, list):
-        raise HTTPError(400, f"files must be an array, not {_json_type(raw_files)}")
+        raise InvalidRequest(400, f"files must be an array, not {_json_type(raw_files)}")
     if len(raw_files) > files_limit:
-        raise HTTPError(400, f"files: at most {files_limit} files")
+        raise InvalidRequest(400, f"files: at most {files_limit} files")
     files = []
     for i, item in enumerate(raw_files):
         if not isinstance(item, dict):
-            raise HTTPError(400, f"files[{i}] must be an object with path and content")
+            raise InvalidRequest(400, f"files[{i}] must be an object with path and content")
         if "path" not in item:
-            raise HTTPError(400, f"files[{i}].path is required")
+            raise InvalidRequest(400, f"files[{i}].path is required")
         path = _string(item["path"], f"files[{i}].path", nul_ok=True)
         content = _string(item.get("content", ""), f"files[{i}].content")
-        try:
-            files.append(File(path, base64.b64decode(content, validate=True)))
+        try:   # line breaks and spaces are fine: base64 tools wrap their output
+            files.append(File(path, base64.b64decode(_SPACES.sub("", content), validate=True)))
         except (binascii.Error, ValueError):
-            raise HTTPError(400, f"files[{i}].content of {path!r} is not valid base64") from None
+            raise InvalidRequest(400, f"files[{i}].content of {path!r} is not valid base64",
+                             FILE_INVALID) from None
     return EvalRequest(args, stdin, check_files(files, files_limit), executable)
 
 
@@ -1746,7 +1830,7 @@ def parse_eval_request(body: bytes, files_limit: int = 100) -> EvalRequest:
 # --------------------------------------------------------------------------------------
 
 class Busy(Exception):
-    """No worker slot could be had: the queue is full, the wait too long, or closing."""
+    """No worker slot could be had; the message says which limit was hit."""
 
 
 class WorkerSlots:
@@ -1754,7 +1838,8 @@ class WorkerSlots:
 
     A ``BoundedSemaphore`` counts the slots. Waiters queue in arrival order and only
     the oldest may take a freed slot, so newcomers never overtake. The queue holds at
-    most ``max_queue`` requests, each for at most ``max_wait`` seconds.
+    most ``max_queue`` requests: a request admitted to it is served, unless its client
+    goes away or it waits over ``max_wait`` seconds (0: no such limit).
     """
 
     def __init__(self, workers: int, max_queue: int, max_wait: float):
@@ -1793,15 +1878,22 @@ class WorkerSlots:
         """
         ticket = object()
         with self._cond:
-            if self._closed or len(self._queue) >= self.max_queue:
-                raise Busy
+            if self._closed:
+                raise Busy("the server is stopping")
+            if len(self._queue) >= self.max_queue:
+                raise Busy(f"all {self.workers} workers are busy and the queue of "
+                           f"{self.max_queue} is full; try again")
             self._queue.append(ticket)
             try:
-                deadline = time.monotonic() + self.max_wait
+                deadline = time.monotonic() + (self.max_wait or float("inf"))
                 while not (self._queue[0] is ticket and self._slots.acquire(blocking=False)):
                     remaining = deadline - time.monotonic()
-                    if self._closed or remaining <= 0 or gone():
-                        raise Busy
+                    if self._closed:
+                        raise Busy("the server is stopping")
+                    if remaining <= 0:
+                        raise Busy(f"no worker was free within --max-wait {self.max_wait:g} s")
+                    if gone():
+                        raise Busy("the client went away")
                     self._cond.wait(min(remaining, 0.5))
                 self._running += 1
             finally:
@@ -1996,12 +2088,26 @@ class SnekboxHandler(BaseHTTPRequestHandler):
         # Reads share a deadline, so a client trickling bytes can't hold the thread.
         self._reader = _DeadlineReader(self.connection)
         self.rfile = io.BufferedReader(self._reader)
+        self._served = False
 
     def handle_one_request(self) -> None:
-        # The request line and headers (or an idle keep-alive wait) get client_timeout.
+        if self._served and not self._next_request_begins():
+            self.close_connection = True
+            return
+        self._served = True
+        # The request line and headers get client_timeout from their first byte on.
         self._reader.deadline = time.monotonic() + self.timeout
         self._response_started = False
         super().handle_one_request()
+
+    def _next_request_begins(self) -> bool:
+        """Wait up to keepalive_timeout for a kept-alive connection's next request:
+        clients' pools reuse idle connections for longer than a request may take."""
+        self._reader.deadline = time.monotonic() + self.server.settings.keepalive_timeout
+        try:
+            return bool(self.rfile.peek(1))
+        except OSError:
+            return False
 
     # One method for every verb: the path decides what's allowed.
     def do_GET(self) -> None:
@@ -2015,7 +2121,8 @@ class SnekboxHandler(BaseHTTPRequestHandler):
         try:
             self._route()
         except InvalidRequest as e:
-            self._send_error(e if isinstance(e, HTTPError) else HTTPError(e.status, str(e)))
+            self._send_error(e if isinstance(e, HTTPError)
+                             else HTTPError(e.status, str(e), title=e.title))
         except OSError as e:
             self._abort()
             log.info("%s: connection lost: %s", self.client_address[0], e)
@@ -2048,6 +2155,9 @@ class SnekboxHandler(BaseHTTPRequestHandler):
         methods = self.ROUTES.get(path)
         if methods is None:
             raise HTTPError(404, f"no such endpoint: {path[:100]}; try POST /eval")
+        if self.command == "OPTIONS":
+            self._send_answer(200, 0, (), {"Allow": ", ".join(methods)})
+            return
         if self.command not in methods:
             raise HTTPError(405, f"{path} takes {' or '.join(methods)}",
                             headers={"Allow": ", ".join(methods)})
@@ -2066,19 +2176,20 @@ class SnekboxHandler(BaseHTTPRequestHandler):
             "max_queue": slots.max_queue, "warm": self.server.sandbox.warm_jails})
 
     def _eval(self) -> None:
-        content_type = self.headers.get("Content-Type", "")
+        # No Content-Type is taken for JSON, as python-discord/snekbox does.
+        content_type = self.headers.get("Content-Type", "application/json")
         if content_type.split(";")[0].strip().lower() != "application/json":
             self.close_connection = True
-            raise HTTPError(415, "the body must be JSON, sent as Content-Type: application/json")
+            raise HTTPError(415, "the body must be JSON, sent as Content-Type: application/json",
+                            title="415 Unsupported Media Type")
         settings = self.server.settings
         request = parse_eval_request(self._read_body(settings.max_request_size),
                                      settings.files_limit)
         retry = {"Retry-After": "1"}
         try:
             self.server.slots.acquire(gone=lambda: _peer_gone(self.connection))
-        except Busy:
-            raise HTTPError(503, "all workers are busy and the queue is full; try again",
-                            headers=retry) from None
+        except Busy as e:
+            raise HTTPError(503, str(e), headers=retry) from None
         # The slot is held until the answer has been sent: the answers held in memory
         # are then at most one per worker, whoever doesn't read them.
         try:
@@ -2253,45 +2364,74 @@ class SnekboxHandler(BaseHTTPRequestHandler):
 # --------------------------------------------------------------------------------------
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    """The command line; every flag falls back to a SNEKBOX_* environment variable."""
+    """The command line; every flag falls back to a SNEKBOX_* environment variable.
+
+    A bad value is reported naming the flag, or the variable it came from, before
+    anything is set up (``parser.env_errors`` lists the variables' problems).
+    """
     defaults = Settings()
     p = argparse.ArgumentParser(
         prog="snekbox.py", description="Run untrusted Python code in nsjail, over HTTP.",
-        epilog="Each flag can also be set by the environment variable in brackets.")
+        epilog="Each flag can also be set by the environment variable in brackets. The "
+               "time, memory and process limits of each evaluation are in the jail config "
+               "(snekbox.cfg: time_limit, cgroup_mem_max, cgroup_pids_max).")
+    p.env_errors = []   # type: ignore[attr-defined]
 
-    def add(flag: str, help: str) -> None:
+    def add(flag: str, help: str, low: float | None = None, high: float | None = None) -> None:
         name = flag[2:].replace("-", "_")
         default = getattr(defaults, name)
         env = "SNEKBOX_" + name.upper()
-        # argparse converts a string default with `type`, so a bad variable is reported
-        # like a bad flag.
-        p.add_argument(flag, type=str if default is None else type(default),
-                       default=os.environ.get(env, default), help=f"{help} [{env}]")
+        kind = str if default is None else type(default)
+
+        def convert(text: str):
+            try:
+                value = kind(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(
+                    f"{text!r} is not {'a whole number' if kind is int else 'a number'}") from None
+            if (low is not None and value < low) or (high is not None and value > high):
+                raise argparse.ArgumentTypeError(
+                    f"{text} is out of range: {low:g} to {high:g}" if high is not None
+                    else f"{text} is out of range: at least {low:g}")
+            return value
+        convert.__name__ = kind.__name__
+
+        if env in os.environ:
+            try:
+                default = convert(os.environ[env])
+            except argparse.ArgumentTypeError as e:
+                p.env_errors.append(f"{env}: {e}")  # type: ignore[attr-defined]
+        p.add_argument(flag, type=convert, default=default, help=f"{help} [{env}]")
 
     add("--host", "address to listen on (default: %(default)s; 0.0.0.0 exposes it to "
                   "the network)")
-    add("--port", "port to listen on, 0 for any free one (default: %(default)s)")
-    add("--workers", "evaluations at once (default: the CPUs, %(default)s)")
-    add("--max-queue", "requests that may wait for a worker (default: 8 per worker)")
-    add("--max-wait", "seconds a request may wait for a worker (default: %(default)s)")
+    add("--port", "port to listen on, 0 for any free one (default: %(default)s)", 0, 65535)
+    add("--workers", "evaluations at once (default: the CPUs, %(default)s)", 1, 4096)
+    add("--max-queue", "requests that may wait for a worker (default: 8 per worker)", 0)
+    add("--max-wait", "seconds a request may wait for a worker; 0: as long as its client "
+                      "stays (default: %(default)s)", 0)
     add("--config", "nsjail config (default: snekbox.cfg beside snekbox.py)")
     add("--nsjail", "nsjail binary (default: found on PATH or in sbin/bin)")
-    add("--max-output-size", "bytes of output kept; more kills the jail (default: %(default)s)")
-    add("--max-request-size", "largest request body in bytes (default: %(default)s)")
-    add("--memfs-size", "bytes of each evaluation's /home tmpfs (default: %(default)s)")
-    add("--files-limit", "most files sent in or returned (default: %(default)s)")
-    add("--files-timeout", "seconds for collecting output files (default: %(default)s)")
+    add("--max-output-size", "bytes of output kept; more stops the jail "
+                             "(default: %(default)s)", 1)
+    add("--max-request-size", "largest request body in bytes (default: %(default)s)", 1)
+    add("--memfs-size", "bytes of each evaluation's /home tmpfs (default: %(default)s)", MiB)
+    add("--files-limit", "most files sent in or returned (default: %(default)s)", 0)
+    add("--files-timeout", "seconds for collecting output files (default: %(default)s)", 0.001)
     add("--user-base", "folder of third-party packages (a PYTHONUSERBASE), read-only in "
                        "the jail")
-    add("--client-timeout", "seconds a client may take to send a request, or stay idle "
-                            "(default: %(default)s)")
-    add("--max-connections", "open connections at most (default: %(default)s)")
+    add("--client-timeout", "seconds a client may take to send a request "
+                            "(default: %(default)s)", 0.001)
+    add("--keepalive-timeout", "seconds an idle kept-alive connection stays open "
+                               "(default: %(default)s)", 0.001)
+    add("--max-connections", "open connections at most (default: %(default)s)", 1)
     add("--prewarm", "jails kept started and waiting for an evaluation; 0: none "
-                     "(default: %(default)s)")
+                     "(default: %(default)s)", 0, 256)
     add("--max-body-memory", "bytes of request bodies held at once by all connections "
-                             "together; more get 503 (default: 4 times --max-request-size)")
+                             "together; more get 503 (default: 4 times --max-request-size)", 0)
     add("--jail-uid-base", f"first of the {JAIL_UID_BLOCK} host uids that jails run as, one "
-                           "per live jail (default: a random block above 2001000000)")
+                           "per live jail; 0: a random block above 2001000000 (default)",
+        0, 2**31 - 1 - JAIL_UID_BLOCK)
     add("--log-level", "DEBUG, INFO, WARNING or ERROR (default: %(default)s)")
     return p
 
@@ -2299,32 +2439,23 @@ def build_arg_parser() -> argparse.ArgumentParser:
 def settings_from_args(argv: Sequence[str] | None = None) -> Settings:
     """Parse the command line (and environment) into Settings; exit 2 on bad values."""
     parser = build_arg_parser()
+    if parser.env_errors:   # type: ignore[attr-defined]
+        parser.error("; ".join(parser.env_errors))   # type: ignore[attr-defined]
     ns = parser.parse_args(argv)
-    positive = ("workers", "max_output_size", "max_request_size", "memfs_size",
-                "max_connections", "client_timeout", "files_timeout")
-    if ns.max_body_memory < 0 or ns.jail_uid_base < 0:
-        parser.error("--max-body-memory and --jail-uid-base can't be negative")
-    if ns.jail_uid_base and not 0 < ns.jail_uid_base <= 2**31 - 1 - JAIL_UID_BLOCK:
-        parser.error(f"--jail-uid-base must leave room for {JAIL_UID_BLOCK} uids below 2**31")
-    for name in positive:
-        if getattr(ns, name) <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be positive")
-    if min(ns.max_queue, ns.max_wait, ns.files_limit, ns.prewarm) < 0:
-        parser.error("--max-queue, --max-wait, --files-limit and --prewarm can't be negative")
     if ns.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         parser.error("--log-level must be DEBUG, INFO, WARNING or ERROR")
-
     return Settings(**{**vars(ns), "log_level": ns.log_level.upper()})
 
 
 def self_test(sandbox: Sandbox) -> None:
     """Run one tiny evaluation; raise SetupError saying what failed."""
+    failed = f"the self-test evaluation with {sandbox.config.path} failed"
     try:
         result = sandbox.run(["-c", "print('ok')"])
     except (SandboxUnavailable, InvalidRequest) as e:
-        raise SetupError(f"the self-test evaluation failed: {e}") from e
+        raise SetupError(f"{failed}: {e}") from e
     if result.returncode != 0 or result.stdout != "ok\n":
-        raise SetupError("the self-test evaluation failed: "
+        raise SetupError(f"{failed}: "
                          f"{result.error or result.stdout.strip() or result.returncode}")
 
 
@@ -2344,9 +2475,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if settings.log_level != "DEBUG":
         nsjail_log.setLevel(logging.WARNING)    # nsjail's INFO: a dozen lines per run
     try:
-        if os.geteuid() != 0:
-            raise SetupError("snekbox must run as root: nsjail needs it for namespaces, "
-                             "cgroups and mounts")
         sandbox = Sandbox(settings.config, settings.nsjail,
                           max_output_size=settings.max_output_size,
                           memfs_size=settings.memfs_size, files_limit=settings.files_limit,
@@ -2377,9 +2505,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     server.ready = True
     release_free_memory()
     host, port = server.server_address[:2]
-    log.info("snekbox listening on http://%s:%d with %d workers (nsjail %s, cgroup v%d)",
-             f"[{host}]" if ":" in host else host, port, settings.workers, sandbox.nsjail,
-             sandbox.cgroups.version)
+    log.info("snekbox listening on http://%s:%d with %d worker%s (nsjail %s, cgroup v%d)",
+             f"[{host}]" if ":" in host else host, port, settings.workers,
+             "" if settings.workers == 1 else "s", sandbox.nsjail, sandbox.cgroups.version)
     # A signal that lands on another thread only flags the main one, which acts on it
     # when it next runs: so wake up now and then instead of sleeping on the event.
     while not stop.wait(0.5):
