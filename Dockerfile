@@ -69,20 +69,21 @@ RUN for version in 3.13 3.14; do \
  && ln -s 3.14 /snekbin/python/default
 COPY --from=extras /snekbin/ /snekbin/
 
-# Third-party packages for evaluations (see README, "Installing packages").
-RUN mkdir -p /var/lib/snekbox/user-base && chmod 755 /var/lib/snekbox/user-base
-VOLUME /var/lib/snekbox/user-base
+# Third-party packages for evaluations (see README, "Installing packages"): the folder
+# that python-discord/snekbox's deployments mount a volume on. No VOLUME here: every
+# `docker run` without --rm would leave an anonymous one behind; mount a named one.
+RUN mkdir -p /snekbox/user_base && chmod 755 /snekbox/user_base
 
 COPY snekbox.py snekbox.cfg /opt/snekbox/
 
-# Inside a container, listening on every address is what makes -p work; the flags
-# below can be replaced (docker run snekbox --port 8123) without losing these.
+# Inside a container, listening on every address is what makes -p work. Defaults are
+# variables, not flags, so that both `-e SNEKBOX_PORT=8213` and `snekbox --port 8213` work.
 ENV SNEKBOX_HOST=0.0.0.0 \
-    SNEKBOX_USER_BASE=/var/lib/snekbox/user-base \
+    SNEKBOX_PORT=8060 \
+    SNEKBOX_USER_BASE=/snekbox/user_base \
     PYTHONDONTWRITEBYTECODE=1
 EXPOSE 8060
 HEALTHCHECK --interval=30s --timeout=5s --start-period=5s --retries=3 \
   CMD ["python3", "-c", "import os, re, urllib.request; args = ' '.join(open('/proc/1/cmdline').read().split('\\0')); port = re.search(r'--port[= ](\\d+)', args); urllib.request.urlopen('http://127.0.0.1:%s/health' % (port[1] if port else os.environ.get('SNEKBOX_PORT', '8060')), timeout=4)"]
 
 ENTRYPOINT ["python3", "/opt/snekbox/snekbox.py"]
-CMD ["--port", "8060"]

@@ -1056,6 +1056,8 @@ class Sandbox:
         self._numbers = itertools.count(1)
         self._lock = threading.Lock()
         self.pool = WarmPool(self._warm_jail_maker(), prewarm) if prewarm > 0 else None
+        self._warm_modes = warm_modes(self.config.host_path(self.config.exec_path)
+                                      or self.config.exec_path) if self.pool else ""
         # Left without close(), garbage or at exit: no tmpfs stays behind to be taken
         # for an earlier crash at the next start.
         self._finalizer = weakref.finalize(self, Sandbox._release, self.pool, self.memfs_root)
@@ -1132,7 +1134,8 @@ class Sandbox:
                               error="the code contains a NUL character",
                               duration=time.monotonic() - started)
         executable = self._check_executable(executable_path) if executable_path else None
-        job = None if executable or not self.pool else warm_job(args, {f.path for f in files})
+        job = None if executable or not self.pool else \
+            warm_job(args, {f.path for f in files}, self._warm_modes)
         jail = self.pool.take() if job else None
         result = None
         if jail:
@@ -1547,16 +1550,32 @@ class _WarmJailFailed(Exception):
     """The warm jail was gone before it could run its job (a cold start will)."""
 
 
-def warm_job(args: Sequence[str], uploaded: set[str]) -> tuple[str, list[str], str] | None:
+def warm_job(args: Sequence[str], uploaded: set[str],
+             modes: str = "cms") -> tuple[str, list[str], str] | None:
     """(mode, sys.argv, payload) when a warm jail can run ``args`` exactly as a cold
     start would: ``-c code``, ``-m module`` or an uploaded ``.py`` script, each with
-    arguments of its own. Interpreter options or anything else: None (a cold start)."""
+    arguments of its own, and the mode ("c", "m" or "s") is in ``modes``. Interpreter
+    options or anything else: None (a cold start)."""
+    job = None
     if len(args) >= 2 and args[0] in ("-c", "-m"):
-        return args[0][1], [args[0], *args[2:]], args[1]
-    if args and args[0].endswith(".py") and not args[0].startswith("-") \
+        job = args[0][1], [args[0], *args[2:]], args[1]
+    elif args and args[0].endswith(".py") and not args[0].startswith("-") \
             and posixpath.normpath(args[0]) in uploaded:
-        return "s", list(args), args[0]
-    return None
+        job = "s", list(args), args[0]
+    return job if job and job[0] in modes else None
+
+
+def warm_modes(python: str) -> str:
+    """The modes in which a warm jail of ``python`` (a host path) runs exactly as a cold
+    start: from 3.13 on, a -c program (the warm jail's bootstrap) loads linecache and
+    what it imports, which a script or -m start does not; those then start cold."""
+    try:
+        out = subprocess.run([python, "-I", "-S", "-c",
+                              "import sys; print(sys.version_info >= (3, 13))"],
+                             capture_output=True, text=True, timeout=10, env={})
+    except (OSError, subprocess.TimeoutExpired):
+        return "c"
+    return "cms" if out.stdout.strip() == "False" else "c"
 
 
 class WarmJail:

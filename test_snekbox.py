@@ -436,6 +436,21 @@ class RequestParsingTests(unittest.TestCase):
         self.assertBad({"input": "", "files": [{"path": str(i)} for i in range(101)]},
                        "at most 100")
 
+    def test_warm_jobs_only_in_the_modes_that_start_alike(self):
+        uploaded = {"main.py"}
+        self.assertEqual(snekbox.warm_job(["-c", "x", "a"], uploaded), ("c", ["-c", "a"], "x"))
+        self.assertEqual(snekbox.warm_job(["-m", "timeit", "1"], uploaded),
+                         ("m", ["-m", "1"], "timeit"))
+        self.assertEqual(snekbox.warm_job(["main.py", "a"], uploaded),
+                         ("s", ["main.py", "a"], "main.py"))
+        self.assertIsNone(snekbox.warm_job(["main.py"], uploaded, "c"))
+        self.assertIsNone(snekbox.warm_job(["-m", "timeit"], uploaded, "c"))
+        self.assertIsNone(snekbox.warm_job(["-u", "-c", "x"], uploaded))
+        self.assertIsNone(snekbox.warm_job(["other.py"], uploaded))
+        old = sys.version_info < (3, 13)
+        self.assertEqual(snekbox.warm_modes(sys.executable), "cms" if old else "c")
+        self.assertEqual(snekbox.warm_modes("/nonexistent/python"), "c")
+
     def test_code_argument_index(self):
         self.assertEqual(snekbox.code_argument_index(["-c", "x"]), 1)
         self.assertEqual(snekbox.code_argument_index(["-X", "utf8", "-u", "-c", "x", "y"]), 4)
