@@ -535,7 +535,7 @@ class EvalTests(ServerTestCase):
     def test_traceback_and_exit_codes(self):
         result = self.run_code("1/0")
         self.assertEqual(result["returncode"], 1)
-        lines = result["stdout"].splitlines()
+        lines = ANSI.sub("", result["stdout"]).splitlines()    # PYTHON_COLORS=1 from 3.13 on
         self.assertEqual(lines[:2], ['Traceback (most recent call last):',
                                      '  File "<string>", line 1, in <module>'])
         self.assertEqual(lines[-1], "ZeroDivisionError: division by zero")
