@@ -2114,10 +2114,18 @@ class SnekboxHandler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         self._served = True
-        # The request line and headers get client_timeout from their first byte on.
+        # The request line and headers get client_timeout from their first byte on, and
+        # MAX_HEAD_BYTES together (http.server bounds each line, not all of them).
         self._reader.deadline = time.monotonic() + self.timeout
+        self._reader.head_left = MAX_HEAD_BYTES
         self._response_started = False
-        super().handle_one_request()
+        try:
+            super().handle_one_request()
+        except http.client.LineTooLong as e:     # in the request line: not parsed yet
+            self.requestline, self.command, self.request_version = "", "", "HTTP/1.0"
+            self.send_error(431, "Line too long", str(e))
+        finally:
+            self._reader.head_left = None
 
     def _next_request_begins(self) -> bool:
         """Wait up to keepalive_timeout for a kept-alive connection's next request:
@@ -2350,8 +2358,6 @@ class SnekboxHandler(BaseHTTPRequestHandler):
         return True
 
     def parse_request(self) -> bool:
-        # http.server bounds the request line, and each header, not all the headers.
-        self._reader.head_left = MAX_HEAD_BYTES
         try:
             ok = super().parse_request()
         finally:

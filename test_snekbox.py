@@ -824,7 +824,7 @@ class HTTPTests(ServerTestCase):
             with self.subTest(raw=raw[:20]):
                 answer = self.server.raw(raw)
                 head, _, body = answer.partition(b"\r\n\r\n")
-                self.assertRegex(head, rb"^HTTP/1\.[01] (400|414|501) ")
+                self.assertRegex(head, rb"^HTTP/1\.[01] (400|414|431|501) ")
                 self.assertIn("title", json.loads(body))
         self.assertEqual(self.run_code("print(1)")["stdout"], "1\n")
 
@@ -1689,6 +1689,12 @@ class HTTPFramingTests(ServerTestCase):
     def test_headers_are_bounded_in_all(self):
         headers = [b"X-Filler-%d: %s" % (i, b"y" * 8000) for i in range(60)]
         answer = self.server.raw(self.head(*headers, b"Content-Length: 2") + b"{}")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 431 "), answer[:100])
+        fits = [b"X-Filler-%d: %s" % (i, b"y" * 900) for i in range(60)]       # 55 KiB
+        answer = self.server.raw(self.head(*fits, b"Content-Length: 2", b"Connection: close") + b"{}")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer[:100])     # {}: no input
+        over = [b"X-Filler-%d: %s" % (i, b"y" * 900) for i in range(75)]       # 67 KiB
+        answer = self.server.raw(self.head(*over, b"Content-Length: 2") + b"{}")
         self.assertTrue(answer.startswith(b"HTTP/1.1 431 "), answer[:100])
 
 
