@@ -1793,7 +1793,7 @@ def _json_type(value: object) -> str:
     return names.get(type(value), type(value).__name__)
 
 
-def parse_eval_request(body: bytes, files_limit: int = 100) -> EvalRequest:
+def parse_eval_request(body: bytes | bytearray, files_limit: int = 100) -> EvalRequest:
     """Validate a ``POST /eval`` body; raise InvalidRequest naming the bad field.
 
     The uploads are checked as ``Sandbox.run`` checks them (``check_files``), here
@@ -2008,15 +2008,29 @@ def _raw_busy_response(description: str) -> bytes:
 
 class _DeadlineReader(io.RawIOBase):
     """A socket's reading side that fails with a timeout once ``deadline`` passes, and
-    with LineTooLong (a 431) past ``head_left`` bytes while that is set."""
+    with LineTooLong (a 431) past ``head_left`` bytes while that is set.
+
+    ``pace(timeout)`` makes the deadline move with what arrives: ``timeout`` seconds,
+    plus one for each MIN_UPLOAD_RATE bytes received, so a body that stops arriving is
+    dropped whatever length it claims.
+    """
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
         self.deadline = float("inf")
         self.head_left: int | None = None
+        self._paced = False
 
     def readable(self) -> bool:
         return True
+
+    def pace(self, timeout: float) -> None:
+        self.deadline = time.monotonic() + timeout
+        self._paced = True
+
+    def set_deadline(self, deadline: float) -> None:
+        self.deadline = deadline
+        self._paced = False
 
     def readinto(self, buffer) -> int:
         remaining = self.deadline - time.monotonic()
@@ -2024,7 +2038,10 @@ class _DeadlineReader(io.RawIOBase):
             raise socket.timeout("the client took too long")
         self.sock.settimeout(remaining)
         if self.head_left is None:
-            return self.sock.recv_into(buffer)
+            read = self.sock.recv_into(buffer)
+            if self._paced:
+                self.deadline += read / MIN_UPLOAD_RATE
+            return read
         if self.head_left <= 0:
             raise http.client.LineTooLong(f"the request line and headers (over "
                                           f"{MAX_HEAD_BYTES // 1024} KiB in all)")
@@ -2116,7 +2133,7 @@ class SnekboxHandler(BaseHTTPRequestHandler):
         self._served = True
         # The request line and headers get client_timeout from their first byte on, and
         # MAX_HEAD_BYTES together (http.server bounds each line, not all of them).
-        self._reader.deadline = time.monotonic() + self.timeout
+        self._reader.set_deadline(time.monotonic() + self.timeout)
         self._reader.head_left = MAX_HEAD_BYTES
         self._response_started = False
         try:
@@ -2124,13 +2141,15 @@ class SnekboxHandler(BaseHTTPRequestHandler):
         except http.client.LineTooLong as e:     # in the request line: not parsed yet
             self.requestline, self.command, self.request_version = "", "", "HTTP/1.0"
             self.send_error(431, "Line too long", str(e))
+        except OSError:
+            self.close_connection = True        # flushing to a client that was cut off
         finally:
             self._reader.head_left = None
 
     def _next_request_begins(self) -> bool:
         """Wait up to keepalive_timeout for a kept-alive connection's next request:
         clients' pools reuse idle connections for longer than a request may take."""
-        self._reader.deadline = time.monotonic() + self.server.settings.keepalive_timeout
+        self._reader.set_deadline(time.monotonic() + self.server.settings.keepalive_timeout)
         try:
             return bool(self.rfile.peek(1))
         except OSError:
@@ -2163,11 +2182,13 @@ class SnekboxHandler(BaseHTTPRequestHandler):
                      (time.monotonic() - started) * 1000)
 
     def _abort(self) -> None:
-        """Close with a reset: a client that stopped reading leaves nothing queued."""
+        """Close with a reset, at once: a client that stopped reading leaves nothing
+        queued, and what is still buffered for it is not waited on."""
         self.close_connection = True
         try:
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
                                        struct.pack("ii", 1, 0))
+            self.connection.settimeout(0)   # later flushes fail at once
         except OSError:
             pass
 
@@ -2240,7 +2261,7 @@ class SnekboxHandler(BaseHTTPRequestHandler):
         finally:
             self.server.slots.release()
 
-    def _read_body(self, limit: int) -> bytes:
+    def _read_body(self, limit: int) -> bytearray:
         if is_chunked(self.headers):
             return self._read_chunked(limit)
         length = content_length(self.headers)
@@ -2248,8 +2269,7 @@ class SnekboxHandler(BaseHTTPRequestHandler):
             raise HTTPError(411, "a Content-Length header is required")
         if length > limit:
             raise HTTPError(413, f"the body is {length} bytes; the limit is {limit} bytes")
-        self._hold_body(length)
-        self._reader.deadline = time.monotonic() + self.timeout + length / MIN_UPLOAD_RATE
+        self._reader.pace(self.timeout)
         body = self._read_exactly(length)
         self._body_read = True
         return body
@@ -2261,14 +2281,21 @@ class SnekboxHandler(BaseHTTPRequestHandler):
                                  "again", headers={"Retry-After": "1"})
         self._body_held += size
 
-    def _read_exactly(self, length: int) -> bytes:
-        data = self._read_body_part(self.rfile.read, length)
-        if len(data) < length:
-            raise HTTPError(400, "the body is shorter than its Content-Length")
+    def _read_exactly(self, length: int) -> bytearray:
+        """``length`` bytes of body, each counted against the budget as it arrives (not
+        as claimed: a client must send what it holds)."""
+        data = bytearray()
+        while len(data) < length:
+            size = min(length - len(data), 64 * 1024)
+            self._hold_body(size)
+            piece = self._read_body_part(self.rfile.read, size)
+            data += piece
+            if len(piece) < size:
+                raise HTTPError(400, "the body is shorter than its Content-Length")
         return data
 
-    def _read_chunked(self, limit: int) -> bytes:
-        started = time.monotonic()
+    def _read_chunked(self, limit: int) -> bytearray:
+        self._reader.pace(self.timeout)
         body = bytearray()
         while True:
             match = _CHUNK_SIZE.fullmatch(self._read_body_part(self.rfile.readline, 1024))
@@ -2277,13 +2304,11 @@ class SnekboxHandler(BaseHTTPRequestHandler):
             size = int(match[1], 16)
             if len(body) + size > limit:
                 raise HTTPError(413, f"the body is over the limit of {limit} bytes")
-            self._hold_body(size)
-            self._reader.deadline = started + self.timeout + (len(body) + size) / MIN_UPLOAD_RATE
             if size == 0:
                 while self._read_body_part(self.rfile.readline, 1024).strip():
                     pass    # trailers
                 self._body_read = True
-                return bytes(body)
+                return body
             body += self._read_exactly(size)
             if self._read_exactly(2) != b"\r\n":
                 raise HTTPError(400, "a chunk of the chunked body is malformed")

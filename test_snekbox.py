@@ -1626,9 +1626,9 @@ class ServerMemoryTests(ServerTestCase):
                 b"Content-Length: %d\r\n\r\n{" % (MiB - 1))
         for _ in range(3):
             s = socket.create_connection(("127.0.0.1", self.server.port), timeout=10)
-            s.sendall(head)
+            s.sendall(head + b" " * (MiB - 200))    # all but the end of the body
             stalled.append(s)
-        time.sleep(0.3)
+        time.sleep(0.5)
         started = time.monotonic()
         answer = self.server.raw(head, timeout=5)
         self.assertTrue(answer.startswith(b"HTTP/1.1 503 "), answer[:200])
@@ -1637,6 +1637,23 @@ class ServerMemoryTests(ServerTestCase):
         for s in stalled:
             s.close()
         self.assertTrue(wait_until(lambda: self.server.post({"input": "print(3)"})[0] == 200))
+
+    def test_a_claimed_length_holds_nothing_until_it_arrives(self):
+        # Without the body it claims, a request is dropped after --client-timeout (2 s),
+        # not after the time its length would take to send at the slowest rate.
+        head = (b"POST /eval HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n{" % (MiB - 1))
+        claims = [socket.create_connection(("127.0.0.1", self.server.port), timeout=10)
+                  for _ in range(8)]
+        for s in claims:
+            s.sendall(head)
+        self.assertEqual(self.server.post({"input": "print(4)"})[0], 200)
+        started = time.monotonic()
+        answer = claims[0].recv(200)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 408 "), answer)
+        self.assertLess(time.monotonic() - started, 4)
+        for s in claims:
+            s.close()
 
     def test_uploads_are_bounded_in_depth(self):
         files = [{"path": "d/" * 2000 + f"f{i}"} for i in range(100)]
