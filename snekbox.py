@@ -2011,8 +2011,8 @@ class _DeadlineReader(io.RawIOBase):
     with LineTooLong (a 431) past ``head_left`` bytes while that is set.
 
     ``pace(timeout)`` makes the deadline move with what arrives: ``timeout`` seconds,
-    plus one for each MIN_UPLOAD_RATE bytes received, so a body that stops arriving is
-    dropped whatever length it claims.
+    plus one for each MIN_UPLOAD_RATE bytes received; and no pause may last longer than
+    ``timeout``. A body that stops arriving is dropped, whatever length it claims.
     """
 
     def __init__(self, sock: socket.socket):
@@ -2026,6 +2026,7 @@ class _DeadlineReader(io.RawIOBase):
 
     def pace(self, timeout: float) -> None:
         self.deadline = time.monotonic() + timeout
+        self._pause = timeout
         self._paced = True
 
     def set_deadline(self, deadline: float) -> None:
@@ -2036,7 +2037,7 @@ class _DeadlineReader(io.RawIOBase):
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
             raise socket.timeout("the client took too long")
-        self.sock.settimeout(remaining)
+        self.sock.settimeout(min(remaining, self._pause) if self._paced else remaining)
         if self.head_left is None:
             read = self.sock.recv_into(buffer)
             if self._paced:

@@ -51,6 +51,73 @@ def proc_status(pid: int, field: str) -> float:
     return float("nan")
 
 
+def reset_peak_rss(pid: int) -> bool:
+    """Reset the VmHWM of ``pid`` to its VmRSS now (Linux 4.0+); False if that failed."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class PeakRss:
+    """The most memory a process holds while this runs: VmRSS sampled every ``every``
+    seconds, and VmHWM (reset at the start) when the process is still the same at the
+    end, which catches the peaks between samples. ``pid`` is a callable, so that a
+    restarted server is followed; ``stop()`` returns MiB (nan if never sampled)."""
+
+    def __init__(self, pid, every: float = 0.05):
+        self.pid = pid
+        self.every = every
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def start(self) -> "PeakRss":
+        self.first_pid = self.pid()
+        self.hwm_reset = self.first_pid is not None and reset_peak_rss(self.first_pid)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while True:
+            self._read("VmRSS")
+            if self._stop.wait(self.every):
+                break
+
+    def _read(self, field: str) -> None:
+        pid = self.pid()
+        if pid is None:
+            return
+        try:
+            value = proc_status(pid, field)
+        except (OSError, ValueError):
+            return      # the process is gone or going
+        if value == value:      # not nan
+            self.samples.append(value)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        if self.hwm_reset and self.pid() == self.first_pid:
+            self._read("VmHWM")
+        return max(self.samples, default=float("nan"))
+
+
+TCP_STATES = {1: "established", 7: "closed", 8: "close-wait"}
+
+
+def tcp_state(sock: socket.socket) -> str:
+    """The kernel's state of a TCP socket: after "established", "close-wait" means the
+    peer closed (FIN) and "closed" that it reset the connection."""
+    try:
+        state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+    except OSError:
+        return "closed"
+    return TCP_STATES.get(state, str(state))
+
+
 def parse_url(url: str) -> tuple[str, int]:
     host, port = url.split("//")[-1].rstrip("/").rsplit(":", 1)
     if not host.strip("[]").startswith(("127.", "localhost", "::1")):
