@@ -122,6 +122,7 @@ MAX_NAME_BYTES = 255                    # one part of a path (Linux's NAME_MAX)
 MAX_PATH_BYTES = 4095                   # a whole path (PATH_MAX less the NUL)
 MAX_OUTPUT_FOLDERS = 1000               # folders looked into for output files
 MAX_HEAD_BYTES = 64 * 1024              # a request line and its headers together
+MAX_JSON_CONTAINERS = 1000              # objects and arrays in a request body
 MAX_NSJAIL_LOG = 1 * MiB                # nsjail log kept per evaluation
 SIGPENDING_LIMIT = 64                   # real-time signals a jail may have queued
 MIN_UPLOAD_RATE = 64 * 1024   # bytes/s a body may take beyond --client-timeout
@@ -578,15 +579,15 @@ def upload_path(path: str, name: str) -> str:
         raise InvalidRequest(400, f"{name} contains a lone surrogate (invalid Unicode)",
                              FILE_INVALID)
     if path.startswith("/"):
-        raise InvalidRequest(400, f"{name} {path!r} must be relative to /home", FILE_INVALID)
+        raise InvalidRequest(400, f"{name} {path[:100]!r} must be relative to /home", FILE_INVALID)
     normal = posixpath.normpath(path)
     if normal == ".." or normal.startswith("../"):
-        raise InvalidRequest(400, f"{name} {path!r} leads outside /home", FILE_INVALID)
+        raise InvalidRequest(400, f"{name} {path[:100]!r} leads outside /home", FILE_INVALID)
     if normal == "." or path.endswith("/"):
-        raise InvalidRequest(400, f"{name} {path!r} must name a file", FILE_INVALID)
+        raise InvalidRequest(400, f"{name} {path[:100]!r} must name a file", FILE_INVALID)
     parts = normal.split("/")
     if len(parts) > MAX_FILE_DEPTH:
-        raise InvalidRequest(400, f"{name} {path[:100]!r}... is over {MAX_FILE_DEPTH} "
+        raise InvalidRequest(400, f"{name} {path[:100]!r} is over {MAX_FILE_DEPTH} "
                                   "folders deep", FILE_INVALID)
     if len(path.encode()) > MAX_PATH_BYTES or any(len(p.encode()) > MAX_NAME_BYTES for p in parts):
         raise InvalidRequest(400, f"{name} {path[:100]!r} is too long: at most "
@@ -614,7 +615,7 @@ def check_files(files: Iterable[File], limit: int) -> list[File]:
             raise InvalidRequest(400, f"files: at most {limit} files", FILE_INVALID)
         path = upload_path(upload.path, f"files[{i}].path")
         if path in seen:
-            raise InvalidRequest(400, f"files[{i}].path {path!r} is given twice", FILE_INVALID)
+            raise InvalidRequest(400, f"files[{i}].path {path[:100]!r} is given twice", FILE_INVALID)
         seen.add(path)
         checked.append(File(path, upload.content))
     return checked
@@ -663,13 +664,13 @@ class MemFS:
             except OSError as e:
                 if e.errno == errno.ENOSPC:
                     raise InvalidRequest(
-                        413, f"files[{i}]: {upload.path!r} does not fit: the files may take "
+                        413, f"files[{i}]: {upload.path[:100]!r} does not fit: the files may take "
                              f"{self.size // MiB} MiB in all", FILE_INVALID) from None
                 if e.errno in (errno.EEXIST, errno.ENOTDIR):
                     reason = "is a folder of another file, or a file in one's place"
                 else:
                     reason = f"cannot be written: {e.strerror}"
-                raise InvalidRequest(400, f"files[{i}].path {upload.path!r} {reason}",
+                raise InvalidRequest(400, f"files[{i}].path {upload.path[:100]!r} {reason}",
                                      FILE_INVALID) from None
             written[upload.path] = (st.st_ino, st.st_ctime_ns)
         return written
@@ -1194,6 +1195,8 @@ class Sandbox:
                 raise TypeError(f"args[{i}] must be a str, not {type(arg).__name__}")
         if not isinstance(stdin, (bytes, bytearray, memoryview)):
             raise TypeError(f"stdin must be bytes, not {type(stdin).__name__}")
+        if isinstance(stdin, memoryview) and stdin.itemsize != 1:
+            raise TypeError("stdin must be bytes, not a memoryview of wider items")
         if executable_path is not None and not isinstance(executable_path, str):
             raise TypeError(f"executable_path must be a str, not {type(executable_path).__name__}")
         return list(args)
@@ -1205,6 +1208,9 @@ class Sandbox:
         index = code_argument_index(args)
         if any("\0" in a for i, a in enumerate(args) if i != index):
             raise InvalidRequest(400, "args: an argument contains a NUL character")
+        if not all(_is_utf8(a) for a in args):
+            raise InvalidRequest(400, "args: an argument contains a lone surrogate "
+                                      "(invalid Unicode)")
         sizes = [len(a.encode("utf-8", "surrogatepass")) for i, a in enumerate(args) if i != index]
         if len(args) > MAX_ARGS_COUNT:
             raise InvalidRequest(413, f"args: at most {MAX_ARGS_COUNT} arguments")
@@ -1773,6 +1779,12 @@ class EvalRequest(collections.namedtuple("EvalRequest", "args stdin files execut
 
 
 _SPACES = re.compile(r"[ \t\r\n]+")
+_JSON_STRING_OR_OPENING = re.compile(rb'"(?:[^"\\]+|\\.)*"|[\[{]')
+
+
+def _count_containers(body: bytes | bytearray) -> int:
+    """The objects and arrays opened in a JSON text, outside its strings."""
+    return sum(1 for m in _JSON_STRING_OR_OPENING.finditer(body) if m[0] in (b"[", b"{"))
 
 
 def _string(value: object, name: str, *, nul_ok: bool = False) -> str:
@@ -1799,6 +1811,10 @@ def parse_eval_request(body: bytes | bytearray, files_limit: int = 100) -> EvalR
     The uploads are checked as ``Sandbox.run`` checks them (``check_files``), here
     already so that a bad request is refused before it waits for a worker.
     """
+    # Each {} or [] costs the parser some 60 bytes: 16 MiB of them would be 400 MiB.
+    if _count_containers(body) > MAX_JSON_CONTAINERS:
+        raise InvalidRequest(400, f"the body has over {MAX_JSON_CONTAINERS} JSON objects "
+                                  "and arrays")
     try:
         data = json.loads(body)
     except RecursionError:
@@ -1839,7 +1855,7 @@ def parse_eval_request(body: bytes | bytearray, files_limit: int = 100) -> EvalR
         try:   # line breaks and spaces are fine: base64 tools wrap their output
             files.append(File(path, base64.b64decode(_SPACES.sub("", content), validate=True)))
         except (binascii.Error, ValueError):
-            raise InvalidRequest(400, f"files[{i}].content of {path!r} is not valid base64",
+            raise InvalidRequest(400, f"files[{i}].content of {path[:100]!r} is not base64",
                              FILE_INVALID) from None
     return EvalRequest(args, stdin, check_files(files, files_limit), executable)
 
@@ -2010,9 +2026,9 @@ class _DeadlineReader(io.RawIOBase):
     """A socket's reading side that fails with a timeout once ``deadline`` passes, and
     with LineTooLong (a 431) past ``head_left`` bytes while that is set.
 
-    ``pace(timeout)`` makes the deadline move with what arrives: ``timeout`` seconds,
-    plus one for each MIN_UPLOAD_RATE bytes received; and no pause may last longer than
-    ``timeout``. A body that stops arriving is dropped, whatever length it claims.
+    ``pace(timeout)`` asks for MIN_UPLOAD_RATE in every window of ``timeout`` seconds
+    instead: a body that stops or slows down is dropped, whatever length it claims and
+    however fast it began.
     """
 
     def __init__(self, sock: socket.socket):
@@ -2020,13 +2036,15 @@ class _DeadlineReader(io.RawIOBase):
         self.deadline = float("inf")
         self.head_left: int | None = None
         self._paced = False
+        self._window, self._window_bytes = 0.0, 0
 
     def readable(self) -> bool:
         return True
 
     def pace(self, timeout: float) -> None:
+        self._window = timeout
         self.deadline = time.monotonic() + timeout
-        self._pause = timeout
+        self._window_bytes = 0
         self._paced = True
 
     def set_deadline(self, deadline: float) -> None:
@@ -2034,14 +2052,18 @@ class _DeadlineReader(io.RawIOBase):
         self._paced = False
 
     def readinto(self, buffer) -> int:
-        remaining = self.deadline - time.monotonic()
+        now = time.monotonic()
+        if self._paced and now >= self.deadline:
+            if self._window_bytes < MIN_UPLOAD_RATE * self._window:
+                raise socket.timeout("the body arrives too slowly")
+            self.deadline, self._window_bytes = now + self._window, 0
+        remaining = self.deadline - now
         if remaining <= 0:
             raise socket.timeout("the client took too long")
-        self.sock.settimeout(min(remaining, self._pause) if self._paced else remaining)
+        self.sock.settimeout(remaining)
         if self.head_left is None:
             read = self.sock.recv_into(buffer)
-            if self._paced:
-                self.deadline += read / MIN_UPLOAD_RATE
+            self._window_bytes += read
             return read
         if self.head_left <= 0:
             raise http.client.LineTooLong(f"the request line and headers (over "
@@ -2052,8 +2074,13 @@ class _DeadlineReader(io.RawIOBase):
 
 
 _LENGTH = re.compile(r"[0-9]{1,18}")
-_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,15})[ \t]*(?:;[^\r\n]*)?\r?\n?")
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,15})[ \t]*(?:;[^\r\n]*)?\r\n")
 ANSWER_PIECE = 48 * 1024        # bytes of a file encoded at a time (64 KiB of base64)
+MIN_ANSWER_RATE = 1 * MiB       # bytes/s a client must take an answer at, past client_timeout
+
+
+def _has_body(headers) -> bool:
+    return headers.get("Content-Length", "0").strip() != "0" or "Transfer-Encoding" in headers
 
 
 def content_length(headers) -> int | None:
@@ -2177,6 +2204,8 @@ class SnekboxHandler(BaseHTTPRequestHandler):
             log.exception("bug while answering %s %s", self.command, self.path)
             self._send_error(HTTPError(500, "an internal error; the server's log has details"))
         finally:
+            if not self._body_read and _has_body(self.headers):
+                self.close_connection = True    # what is left can't be taken for a request
             self.server.bodies.give_back(self._body_held)
             log.info('%s "%s %s" %d %d %.1fms', self.client_address[0], self.command,
                      self.path[:200], self._status, self._size,
@@ -2225,6 +2254,11 @@ class SnekboxHandler(BaseHTTPRequestHandler):
             "max_queue": slots.max_queue, "warm": self.server.sandbox.warm_jails})
 
     def _eval(self) -> None:
+        # A web page can POST here from a browser without asking (no Content-Type is
+        # JSON): refuse what a browser sends across sites. Other clients send no Origin.
+        if "Origin" in self.headers or self.headers.get("Sec-Fetch-Site", "none") not in (
+                "none", "same-origin"):
+            raise HTTPError(403, "requests from web pages in a browser are refused")
         # No Content-Type is taken for JSON, as python-discord/snekbox does.
         content_type = self.headers.get("Content-Type", "application/json")
         if content_type.split(";")[0].strip().lower() != "application/json":
@@ -2306,8 +2340,9 @@ class SnekboxHandler(BaseHTTPRequestHandler):
             if len(body) + size > limit:
                 raise HTTPError(413, f"the body is over the limit of {limit} bytes")
             if size == 0:
-                while self._read_body_part(self.rfile.readline, 1024).strip():
-                    pass    # trailers
+                while (line := self._read_body_part(self.rfile.readline, 1024)) != b"\r\n":
+                    if not line.endswith(b"\r\n"):
+                        raise HTTPError(400, "a trailer of the chunked body is malformed")
                 self._body_read = True
                 return body
             body += self._read_exactly(size)
@@ -2330,10 +2365,10 @@ class SnekboxHandler(BaseHTTPRequestHandler):
         """Send a JSON answer of ``length`` bytes, made of ``pieces``.
 
         A client must take each piece within client_timeout and the whole at
-        MIN_UPLOAD_RATE, or the connection is closed: once the status line is out, no
-        error can be answered any more.
+        MIN_ANSWER_RATE (it holds a worker meanwhile), or the connection is closed: once
+        the status line is out, no error can be answered any more.
         """
-        deadline = time.monotonic() + self.timeout + length / MIN_UPLOAD_RATE
+        deadline = time.monotonic() + self.timeout + length / MIN_ANSWER_RATE
         self.connection.settimeout(self.timeout)    # the read deadline may be spent
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -2356,8 +2391,7 @@ class SnekboxHandler(BaseHTTPRequestHandler):
         if self._response_started:
             self.close_connection = True    # too late for another status line
             return
-        if not self._body_read and (self.headers.get("Content-Length", "0").strip() != "0"
-                                    or "Transfer-Encoding" in self.headers):
+        if not self._body_read and _has_body(self.headers):
             self.close_connection = True    # what is left of the body can't be a request
         if error.status in (400, 408, 411, 413, 415, 501) and not self._body_read:
             self.close_connection = True
