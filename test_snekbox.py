@@ -724,6 +724,9 @@ print(n, flush=True)
 
 class HTTPTests(ServerTestCase):
     def test_health(self):
+        # A worker is free once its last answer has gone out, a moment after the client
+        # has it all.
+        self.assertTrue(wait_until(lambda: self.server.request("GET", "/health")[2]["running"] == 0))
         status, headers, data = self.server.request("GET", "/health")
         self.assertEqual(status, 200)
         self.assertEqual(headers["Content-Type"], "application/json")
