@@ -2079,6 +2079,14 @@ ANSWER_PIECE = 48 * 1024        # bytes of a file encoded at a time (64 KiB of b
 MIN_ANSWER_RATE = 1 * MiB       # bytes/s a client must take an answer at, past client_timeout
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _printable(text: str) -> str:
+    """``text`` from a client with its control characters escaped, for a log line."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}", text)
+
+
 def _has_body(headers) -> bool:
     return headers.get("Content-Length", "0").strip() != "0" or "Transfer-Encoding" in headers
 
@@ -2086,7 +2094,7 @@ def _has_body(headers) -> bool:
 def content_length(headers) -> int | None:
     """The request's Content-Length (None without one); HTTPError(400) unless it is
     ASCII digits, the same in every copy of the header."""
-    values = {value.strip() for value in headers.get_all("Content-Length") or ()}
+    values = {value.strip(" \t") for value in headers.get_all("Content-Length") or ()}
     if not values:
         return None
     value = values.pop()
@@ -2103,7 +2111,7 @@ def is_chunked(headers) -> bool:
         return False
     if "Content-Length" in headers:
         raise HTTPError(400, "Content-Length and Transfer-Encoding together are ambiguous")
-    coding = ",".join(codings).strip().lower()
+    coding = ",".join(codings).strip(" \t").lower()
     if coding != "chunked":
         raise HTTPError(501, f"Transfer-Encoding {coding[:50]!r} is not supported; "
                              "only chunked is")
@@ -2208,7 +2216,7 @@ class SnekboxHandler(BaseHTTPRequestHandler):
                 self.close_connection = True    # what is left can't be taken for a request
             self.server.bodies.give_back(self._body_held)
             log.info('%s "%s %s" %d %d %.1fms', self.client_address[0], self.command,
-                     self.path[:200], self._status, self._size,
+                     _printable(self.path[:200]), self._status, self._size,
                      (time.monotonic() - started) * 1000)
 
     def _abort(self) -> None:
@@ -2435,13 +2443,14 @@ class SnekboxHandler(BaseHTTPRequestHandler):
         self._status, self._size, self._body_read = code, 0, True
         description = f"{message}: {explain}" if message and explain else message or explain
         self._send_error(HTTPError(code, description or HTTPStatus(code).description))
-        log.info('%s "%s" %d', self.client_address[0], (self.requestline or "")[:200], code)
+        log.info('%s "%s" %d', self.client_address[0],
+                 _printable(getattr(self, "requestline", "")[:200]), code)
 
     def log_request(self, code="-", size="-") -> None:
         pass    # _handle logs each request once it's answered
 
     def log_message(self, format: str, *args) -> None:
-        log.debug("%s " + format, self.client_address[0], *args)
+        log.debug("%s %s", self.client_address[0], _printable(format % args))
 
 
 # --------------------------------------------------------------------------------------

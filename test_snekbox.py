@@ -1508,6 +1508,24 @@ for family in (1, 40):
             (44, 0), (42, 0), (31, 0))])
         self.assertEqual(lines[-2:], ["pair 1 2", "pair 40 97"])
 
+    def test_one_cpu_at_most(self):
+        code = """
+import os, resource, time
+for _ in range(4):
+    if os.fork() == 0:
+        end = time.monotonic() + 2.5
+        while time.monotonic() < end:
+            pass
+        os._exit(0)
+for _ in range(4):
+    os.wait()
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(usage.ru_utime + usage.ru_stime)
+"""
+        # Four busy processes for 2.5 s: 5 s of CPU time on two CPUs; one CPU a second
+        # (nsjail's period is a second, so the first may be a whole one) gives 3 s at most.
+        self.assertLess(float(self.run_code(code)["stdout"]), 3.6)
+
     @unittest.skipUnless(os.uname().machine == "x86_64", "32-bit system calls of x86")
     def test_32_bit_system_calls_cannot_go_around_the_policy(self):
         code = """
@@ -1676,7 +1694,7 @@ class HTTPFramingTests(ServerTestCase):
 
     def test_content_length_is_ascii_digits_only(self):
         for value in ("\u00b2".encode(), "\u00b9".encode(), "1\u00b2".encode(), b"9" * 5000,
-                      b"+5", b"0x10", b"1_0"):
+                      b"+5", b"0x10", b"1_0", b"2\x0b", b"2\x85"):
             for expect in ((), (b"Expect: 100-continue",)):
                 with self.subTest(value=value[:10], expect=expect):
                     answer = self.server.raw(self.head(b"Content-Length: " + value, *expect) + b"{}")
@@ -1696,7 +1714,8 @@ class HTTPFramingTests(ServerTestCase):
 
     def test_only_chunked_transfer_coding(self):
         body = b'{"input": "print(1)"}'
-        for coding in (b"xchunked", b"gzip", b"gzip, chunked", b"chunked, chunked", b"identity"):
+        for coding in (b"xchunked", b"gzip", b"gzip, chunked", b"chunked, chunked", b"identity",
+                       b"chunked\x85", b"\x0bchunked"):
             with self.subTest(coding=coding):
                 answer = self.server.raw(self.head(b"Transfer-Encoding: " + coding,
                                                    b"Content-Length: %d" % len(body)) + body)
@@ -1738,6 +1757,14 @@ class HTTPFramingTests(ServerTestCase):
         code = "print(" + "[{}]" * 3000 + ")"       # brackets in a string are fine
         status, _, data = self.server.post({"input": "x = '%s'" % code})
         self.assertEqual(status, 200, data)
+
+    @local_only
+    def test_no_control_characters_from_clients_in_the_log(self):
+        self.server.raw(b"GET /a\x1b[31mred\rfake HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        self.assertTrue(wait_until(lambda: any("red" in line for line in self.server.log)))
+        line = next(line for line in self.server.log if "red" in line)
+        self.assertNotIn("\x1b", line)
+        self.assertIn("\\x1b[31mred\\x0dfake", line)
 
     def test_headers_are_bounded_in_all(self):
         headers = [b"X-Filler-%d: %s" % (i, b"y" * 8000) for i in range(60)]
