@@ -276,21 +276,24 @@ class FakeCgroupTests(unittest.TestCase):
     def config(self, **overrides) -> snekbox.JailConfig:
         cfg = snekbox.JailConfig.from_file(snekbox.DEFAULT_CONFIG)
         return cfg._replace(mem_mount=f"{self.root}/memory", pids_mount=f"{self.root}/pids",
-                            cgroupv2_mount=self.root, **overrides)
+                            cpu_mount=f"{self.root}/cpu", cgroupv2_mount=self.root, **overrides)
 
     def test_v1_creates_parents_and_keeps_the_swap_limit(self):
         os.makedirs(f"{self.root}/pids")
+        os.makedirs(f"{self.root}/cpu")
         self.write(f"{self.root}/memory/memory.memsw.limit_in_bytes", "0")
         setup = snekbox.prepare_cgroups(self.config(), self.root, self.swaps)
         self.assertEqual(setup.version, 1)
         self.assertTrue(os.path.isdir(f"{self.root}/memory/NSJAIL"))
         self.assertTrue(os.path.isdir(f"{self.root}/pids/NSJAIL"))
+        self.assertTrue(os.path.isdir(f"{self.root}/cpu/NSJAIL"))
         self.assertTrue(setup.swap_limited)
         self.assertEqual(setup.nsjail_args, ())
 
     def test_v1_without_swap_controller_drops_the_swap_limit_and_warns(self):
         os.makedirs(f"{self.root}/memory")
         os.makedirs(f"{self.root}/pids")
+        os.makedirs(f"{self.root}/cpu")
         self.write(self.swaps, "Filename\n/swapfile file 100 0 -2\n")
         with self.assertLogs("snekbox", "WARNING") as logs:
             setup = snekbox.prepare_cgroups(self.config(), self.root, self.swaps)
@@ -325,12 +328,12 @@ class FakeCgroupTests(unittest.TestCase):
         self.assertEqual(setup.version, 2)
         self.assertEqual(setup.nsjail_args, ("--use_cgroupv2",))
         self.assertTrue(setup.swap_limited)
-        self.assertEqual(self.read(control), "+memory +pids")
+        self.assertEqual(self.read(control), "+memory +pids +cpu")
         self.assertEqual(self.read(f"{self.root}/snekbox-init/cgroup.procs"), "42")
 
     def test_v2_already_enabled_is_left_alone(self):
-        self.write(f"{self.root}/cgroup.controllers", "memory pids\n")
-        self.write(f"{self.root}/cgroup.subtree_control", "memory pids\n")
+        self.write(f"{self.root}/cgroup.controllers", "memory pids cpu\n")
+        self.write(f"{self.root}/cgroup.subtree_control", "memory pids cpu\n")
         os.makedirs(f"{self.root}/other")     # no memory.swap.max: no swap accounting
         with self.assertLogs("snekbox", "WARNING"):
             setup = snekbox.prepare_cgroups(self.config(), self.root, self.swaps)
@@ -1800,7 +1803,8 @@ def cgroups_left() -> list[str]:
     cfg = snekbox.JailConfig.from_file(snekbox.DEFAULT_CONFIG)
     left = []
     for parent in (os.path.join(cfg.mem_mount, cfg.mem_parent),
-                   os.path.join(cfg.pids_mount, cfg.pids_parent)):
+                   os.path.join(cfg.pids_mount, cfg.pids_parent),
+                   os.path.join(cfg.cpu_mount, cfg.cpu_parent)):
         if os.path.isdir(parent):
             left += [os.path.join(parent, d) for d in os.listdir(parent)
                      if d.startswith("NSJAIL.") and not os.path.exists(f"/proc/{d[7:]}")]
