@@ -75,6 +75,10 @@ COPY --from=extras /snekbin/ /snekbin/
 RUN mkdir -p /snekbox/user_base && chmod 755 /snekbox/user_base
 
 COPY snekbox.py snekbox.cfg /opt/snekbox/
+# Requests without executable_path run /snekbin/python/default (3.14), as the reference's.
+RUN sed -i 's#^  path: "/usr/bin/python3"#  path: "/snekbin/python/default/bin/python"#' \
+      /opt/snekbox/snekbox.cfg \
+ && grep -q '^  path: "/snekbin/python/default/bin/python"' /opt/snekbox/snekbox.cfg
 
 # Inside a container, listening on every address is what makes -p work. Defaults are
 # variables, not flags, so that both `-e SNEKBOX_PORT=8213` and `snekbox --port 8213` work.
