@@ -404,11 +404,13 @@ def prepare_cgroups(cfg: JailConfig, root: str = CGROUP_ROOT,
     cgroup v2: enable those controllers for child groups where they aren't, moving
     the processes of the top group into a child first (a group with processes can't
     hand controllers down). Without a swap controller, nsjail must not be asked for a
-    swap limit, or every run would fail.
+    swap limit, or every run would fail; without a cpu controller (some containers
+    don't delegate it), the CPU limit is dropped with a warning, likewise.
     """
     wants_swap_limit = cfg.mem_max > 0 and (cfg.mem_swap_max >= 0 or cfg.mem_memsw_max > 0)
+    cfg, args = _without_missing_cpu_controller(cfg, root)
     if cgroup_version(root) == 1:
-        version, args = 1, []
+        version = 1
         used = [(cfg.mem_max, cfg.mem_mount, cfg.mem_parent, "memory"),
                 (cfg.pids_max, cfg.pids_mount, cfg.pids_parent, "pids"),
                 (cfg.cpu_ms_per_sec, cfg.cpu_mount, cfg.cpu_parent, "cpu")]
@@ -422,7 +424,7 @@ def prepare_cgroups(cfg: JailConfig, root: str = CGROUP_ROOT,
             os.makedirs(parents[-1], exist_ok=True)
         has_swap = os.path.exists(os.path.join(cfg.mem_mount, "memory.memsw.limit_in_bytes"))
     else:
-        version, args = 2, ["--use_cgroupv2"]
+        version, args = 2, args + ["--use_cgroupv2"]
         mount = cfg.cgroupv2_mount
         parents = [mount]
         needed = [name for limit, name in ((cfg.mem_max, "memory"), (cfg.pids_max, "pids"),
@@ -443,6 +445,22 @@ def prepare_cgroups(cfg: JailConfig, root: str = CGROUP_ROOT,
         log.warning("swap is on and the jail's memory limit does not cover it: jailed code "
                     "may use swap beyond the limit (turn swap off, or enable swap accounting)")
     return CgroupSetup(version, swap_limited, tuple(args), tuple(parents))
+
+
+def _without_missing_cpu_controller(cfg: JailConfig, root: str) -> tuple[JailConfig, list[str]]:
+    """``cfg`` and no nsjail flags, or, where the host has no cpu controller for the
+    jails, ``cfg`` without its CPU limit and the flag that drops it."""
+    if not cfg.cpu_ms_per_sec:
+        return cfg, []
+    if cgroup_version(root) == 1:
+        present = os.path.isdir(cfg.cpu_mount)
+    else:
+        present = "cpu" in _read_words(os.path.join(cfg.cgroupv2_mount, "cgroup.controllers"))
+    if present:
+        return cfg, []
+    log.warning("this host has no cpu cgroup controller for the jails: their CPU use is not "
+                "limited (cgroup_cpu_ms_per_sec)")
+    return cfg._replace(cpu_ms_per_sec=0), ["--cgroup_cpu_ms_per_sec", "0"]
 
 
 def _enable_v2_controllers(mount: str, needed: list[str]) -> None:

@@ -308,6 +308,23 @@ class FakeCgroupTests(unittest.TestCase):
                          ("--cgroup_mem_memsw_max", "0", "--cgroup_mem_swap_max", "-1"))
         self.assertTrue(any("swap is on" in line for line in logs.output))
 
+    def test_a_missing_cpu_controller_drops_the_cpu_limit_with_a_warning(self):
+        os.makedirs(f"{self.root}/memory")
+        os.makedirs(f"{self.root}/pids")
+        with self.assertLogs("snekbox", "WARNING") as logs:
+            setup = snekbox.prepare_cgroups(self.config(), self.root, self.swaps)
+        self.assertIn("--cgroup_cpu_ms_per_sec", setup.nsjail_args)
+        self.assertFalse(os.path.exists(f"{self.root}/cpu"))
+        self.assertTrue(any("no cpu cgroup controller" in line for line in logs.output))
+        v2 = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, v2)
+        self.write(f"{v2}/cgroup.controllers", "memory pids\n")
+        self.write(f"{v2}/cgroup.subtree_control", "memory pids\n")
+        with self.assertLogs("snekbox", "WARNING"):
+            setup = snekbox.prepare_cgroups(self.config()._replace(cgroupv2_mount=v2), v2,
+                                            self.swaps)
+        self.assertEqual(setup.nsjail_args[:3], ("--cgroup_cpu_ms_per_sec", "0", "--use_cgroupv2"))
+
     def test_v1_missing_controller_is_an_error(self):
         os.makedirs(f"{self.root}/pids")
         with self.assertRaisesRegex(snekbox.SetupError, "memory controller is not mounted"):
@@ -1162,7 +1179,7 @@ class WarmJailTests(unittest.TestCase):
             assert not mounts_below(root) and not nsjail_pids_using(root)
 
     def both(self, **body) -> tuple[dict, dict]:
-        self.assertTrue(wait_until(lambda: self.warm.request("GET", "/health")[2]["warm"] == 2))
+        self.assertTrue(wait_until(lambda: self.warm.request("GET", "/health")[2]["warm"] == 2, 15))
         return self.cold.eval(**body), self.warm.eval(**body)
 
     def assertSame(self, **body) -> dict:
@@ -1220,15 +1237,15 @@ class WarmJailTests(unittest.TestCase):
 
     def test_pool_never_holds_more_and_replaces_dead_jails(self):
         root = self.warm.memfs_root()
-        self.assertTrue(wait_until(lambda: len(nsjail_pids_using(root)) == 2))
+        self.assertTrue(wait_until(lambda: len(nsjail_pids_using(root)) == 2, 15))
         for pid in nsjail_pids_using(root):
             os.kill(pid, 9)         # a warm jail dies while waiting
         self.assertEqual(self.warm.eval(input="print('after')")["stdout"], "after\n")
-        self.assertTrue(wait_until(lambda: len(nsjail_pids_using(root)) == 2))
+        self.assertTrue(wait_until(lambda: len(nsjail_pids_using(root)) == 2, 15))
         with ThreadPoolExecutor(5) as pool:      # more at once than the pool holds: cold
             results = list(pool.map(lambda i: self.warm.eval(input=f"print({i})"), range(5)))
         self.assertEqual([r["stdout"] for r in results], [f"{i}\n" for i in range(5)])
-        self.assertTrue(wait_until(lambda: len(nsjail_pids_using(root)) == 2))
+        self.assertTrue(wait_until(lambda: len(nsjail_pids_using(root)) == 2, 15))
         time.sleep(0.3)
         self.assertEqual(len(nsjail_pids_using(root)), 2)
 
