@@ -586,6 +586,13 @@ def _is_utf8(text: str) -> bool:
         return False
 
 
+def _keep_first(kept: list, item: tuple, limit: int) -> None:
+    """Add ``item`` to the sorted list ``kept`` if it is among the first ``limit``."""
+    if len(kept) < limit or item[0] < kept[-1][0]:
+        bisect.insort(kept, item, key=lambda kept_item: kept_item[0])
+        del kept[limit:]
+
+
 def upload_path(path: str, name: str) -> str:
     """``path`` made normal, if it names a file that may be written under /home; else
     InvalidRequest(400) saying why, the field called ``name``."""
@@ -633,7 +640,8 @@ def check_files(files: Iterable[File], limit: int) -> list[File]:
             raise InvalidRequest(400, f"files: at most {limit} files", FILE_INVALID)
         path = upload_path(upload.path, f"files[{i}].path")
         if path in seen:
-            raise InvalidRequest(400, f"files[{i}].path {path[:100]!r} is given twice", FILE_INVALID)
+            raise InvalidRequest(400, f"files[{i}].path {path[:100]!r} is given twice",
+                                 FILE_INVALID)
         seen.add(path)
         checked.append(File(path, upload.content))
     return checked
@@ -725,25 +733,33 @@ class MemFS:
         """The regular files that the run created or changed, sorted by path.
 
         Hidden and private paths (a part starting with "." or "_") and anything but
-        regular files are skipped; symlinks are never followed. Bounded: ``limit`` files, the tmpfs size
-        in bytes (sparse files and hard links count their full size), ``timeout``
-        seconds, MAX_FILE_DEPTH folders deep and MAX_OUTPUT_FOLDERS folders. The walk
-        holds no more than that, whatever the jail made. Returns the files and, when
-        something could not be returned, why.
+        regular files are skipped; symlinks are never followed. Bounded: ``limit``
+        files, the tmpfs size in bytes (sparse files and hard links count their full
+        size), ``timeout`` seconds, MAX_FILE_DEPTH folders deep and MAX_OUTPUT_FOLDERS
+        folders. The walk holds no more than that, whatever the jail made. Returns the
+        files and, when something could not be returned, why.
         """
-        deadline = time.monotonic() + timeout
-        kept: list[tuple[str, os.stat_result]] = []     # the first `limit` paths, sorted
-        written = 0
         problems: list[str] = []
+        written = self._first_written(unchanged, limit, time.monotonic() + timeout, problems)
+        if written is None:
+            return [], f"listing the output files took over {timeout:g} s"
+        return self._read_files(written, problems), "; ".join(dict.fromkeys(problems)) or None
+
+    def _first_written(self, unchanged: dict[str, tuple[int, int]], limit: int,
+                       deadline: float,
+                       problems: list[str]) -> list[tuple[str, os.stat_result]] | None:
+        """The first ``limit`` paths, sorted, of the regular files the run wrote, with
+        their stat; None past ``deadline``. What is skipped goes to ``problems``."""
+        kept: list[tuple[str, os.stat_result]] = []
+        written = looked_into = 0
         folders = [("", self.path, 0)]
-        looked_into = 0
         while folders:
             relative, folder, depth = folders.pop()
             try:
                 with os.scandir(folder) as entries:
                     for entry in entries:
                         if time.monotonic() > deadline:
-                            return [], f"listing the output files took over {timeout:g} s"
+                            return None
                         path = f"{relative}/{entry.name}" if relative else entry.name
                         if entry.name.startswith((".", "_")):
                             continue    # hidden, or private as in python-discord/snekbox
@@ -751,9 +767,11 @@ class MemFS:
                             problems.append("a file name is not valid UTF-8 and was skipped")
                         elif entry.is_dir(follow_symlinks=False):
                             if depth + 1 >= MAX_FILE_DEPTH:
-                                problems.append(f"folders deeper than {MAX_FILE_DEPTH} were skipped")
+                                problems.append(f"folders deeper than {MAX_FILE_DEPTH} "
+                                                "were skipped")
                             elif looked_into >= MAX_OUTPUT_FOLDERS:
-                                problems.append(f"only {MAX_OUTPUT_FOLDERS} folders were looked into")
+                                problems.append(f"only {MAX_OUTPUT_FOLDERS} folders "
+                                                "were looked into")
                             else:
                                 looked_into += 1
                                 folders.append((path, entry.path, depth + 1))
@@ -761,25 +779,28 @@ class MemFS:
                             st = entry.stat(follow_symlinks=False)
                             if unchanged.get(path) != (st.st_ino, st.st_ctime_ns):
                                 written += 1
-                                if len(kept) < limit or path < kept[-1][0]:
-                                    bisect.insort(kept, (path, st), key=lambda item: item[0])
-                                    del kept[limit:]
+                                _keep_first(kept, (path, st), limit)
             except OSError as e:
                 problems.append(f"cannot list {relative or '.'}: {e.strerror}")
         if written > limit:
             problems.append(f"{written} files were written; only the first {limit} "
                             "are returned")
+        return kept
+
+    def _read_files(self, written: list[tuple[str, os.stat_result]],
+                    problems: list[str]) -> list[File]:
+        """The contents of ``written``, up to the tmpfs size in all."""
         files, budget = [], self.size
-        for path, st in kept:
+        for path, st in written:
             if st.st_size > budget:
                 problems.append(f"the files exceed {self.size // MiB} MiB in all; "
-                                f"{path!r} and the files after it were skipped")
+                                f"{path[:100]!r} and the files after it were skipped")
                 break
             content = self._read_regular(path, st, budget)
             if content is not None:
                 files.append(File(path, content))
                 budget -= len(content)
-        return files, "; ".join(dict.fromkeys(problems)) or None
+        return files
 
     def _read_regular(self, path: str, st: os.stat_result, budget: int) -> bytes | None:
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
@@ -1049,6 +1070,25 @@ class Sandbox:
         self.files_limit = files_limit
         self.files_timeout = files_timeout
         self.user_base = user_base
+        self._prepare_host(memfs_root)
+        self.users = JailUsers(jail_uid_base) if jail_uid_base else JailUsers.random_block()
+        limit_pending_signals()
+        self._quiet_mounts = self.config.missing_optional_mounts()
+        if self._quiet_mounts:
+            # Expected wherever the config lists several Pythons' folders (the image).
+            log.debug("optional mounts this host doesn't have: %s", " ".join(self._quiet_mounts))
+        self._numbers = itertools.count(1)
+        self._lock = threading.Lock()
+        self.pool = WarmPool(self._warm_jail_maker(), prewarm) if prewarm > 0 else None
+        self._warm_modes = warm_modes(self.config.host_path(self.config.exec_path)
+                                      or self.config.exec_path) if self.pool else ""
+        # Left without close(), garbage or at exit: no tmpfs stays behind to be taken
+        # for an earlier crash at the next start.
+        self._finalizer = weakref.finalize(self, Sandbox._release, self.pool, self.memfs_root)
+
+    def _prepare_host(self, memfs_root: str) -> None:
+        """Cgroups, what a crashed server left, and this sandbox's folder for tmpfs
+        mounts; SetupError saying what to add when the privileges for them are missing."""
         try:
             self.cgroups = prepare_cgroups(self.config)
             self._clean_up_after_crash(memfs_root)
@@ -1066,20 +1106,6 @@ class Sandbox:
                                  "capabilities the README lists under Docker)") from e
             raise
         _live_memfs_folders.add(self.memfs_root)
-        self.users = JailUsers(jail_uid_base) if jail_uid_base else JailUsers.random_block()
-        limit_pending_signals()
-        self._quiet_mounts = self.config.missing_optional_mounts()
-        if self._quiet_mounts:
-            # Expected wherever the config lists several Pythons' folders (the image).
-            log.debug("optional mounts this host doesn't have: %s", " ".join(self._quiet_mounts))
-        self._numbers = itertools.count(1)
-        self._lock = threading.Lock()
-        self.pool = WarmPool(self._warm_jail_maker(), prewarm) if prewarm > 0 else None
-        self._warm_modes = warm_modes(self.config.host_path(self.config.exec_path)
-                                      or self.config.exec_path) if self.pool else ""
-        # Left without close(), garbage or at exit: no tmpfs stays behind to be taken
-        # for an earlier crash at the next start.
-        self._finalizer = weakref.finalize(self, Sandbox._release, self.pool, self.memfs_root)
 
     def _clean_up_after_crash(self, memfs_root: str) -> None:
         stale = stale_memfs_folders(memfs_root)
@@ -1823,6 +1849,28 @@ def _json_type(value: object) -> str:
     return names.get(type(value), type(value).__name__)
 
 
+def _json_files(raw_files: object, limit: int) -> list[File]:
+    """The ``files`` of a request body as Files, their content decoded from base64."""
+    if not isinstance(raw_files, list):
+        raise InvalidRequest(400, f"files must be an array, not {_json_type(raw_files)}")
+    if len(raw_files) > limit:
+        raise InvalidRequest(400, f"files: at most {limit} files")
+    files = []
+    for i, item in enumerate(raw_files):
+        if not isinstance(item, dict):
+            raise InvalidRequest(400, f"files[{i}] must be an object with path and content")
+        if "path" not in item:
+            raise InvalidRequest(400, f"files[{i}].path is required")
+        path = _string(item["path"], f"files[{i}].path", nul_ok=True)
+        content = _string(item.get("content", ""), f"files[{i}].content")
+        try:   # line breaks and spaces are fine: base64 tools wrap their output
+            files.append(File(path, base64.b64decode(_SPACES.sub("", content), validate=True)))
+        except (binascii.Error, ValueError):
+            raise InvalidRequest(400, f"files[{i}].content of {path[:100]!r} is not base64",
+                                 FILE_INVALID) from None
+    return files
+
+
 def parse_eval_request(body: bytes | bytearray, files_limit: int = 100) -> EvalRequest:
     """Validate a ``POST /eval`` body; raise InvalidRequest naming the bad field.
 
@@ -1857,25 +1905,9 @@ def parse_eval_request(body: bytes | bytearray, files_limit: int = 100) -> EvalR
     if executable is not None:
         executable = _string(executable, "executable_path")
 
-    raw_files = data.get("files", [])
-    if not isinstance(raw_files, list):
-        raise InvalidRequest(400, f"files must be an array, not {_json_type(raw_files)}")
-    if len(raw_files) > files_limit:
-        raise InvalidRequest(400, f"files: at most {files_limit} files")
-    files = []
-    for i, item in enumerate(raw_files):
-        if not isinstance(item, dict):
-            raise InvalidRequest(400, f"files[{i}] must be an object with path and content")
-        if "path" not in item:
-            raise InvalidRequest(400, f"files[{i}].path is required")
-        path = _string(item["path"], f"files[{i}].path", nul_ok=True)
-        content = _string(item.get("content", ""), f"files[{i}].content")
-        try:   # line breaks and spaces are fine: base64 tools wrap their output
-            files.append(File(path, base64.b64decode(_SPACES.sub("", content), validate=True)))
-        except (binascii.Error, ValueError):
-            raise InvalidRequest(400, f"files[{i}].content of {path[:100]!r} is not base64",
-                             FILE_INVALID) from None
-    return EvalRequest(args, stdin, check_files(files, files_limit), executable)
+    files = check_files(_json_files(data.get("files", []), files_limit), files_limit)
+    return EvalRequest(args, stdin, files, executable)
+
 
 
 # --------------------------------------------------------------------------------------
