@@ -327,6 +327,7 @@ class FakeCgroupTests(unittest.TestCase):
 
     def test_v1_missing_controller_is_an_error(self):
         os.makedirs(f"{self.root}/pids")
+        os.makedirs(f"{self.root}/cpu")
         with self.assertRaisesRegex(snekbox.SetupError, "memory controller is not mounted"):
             snekbox.prepare_cgroups(self.config(), self.root, self.swaps)
 
