@@ -2507,6 +2507,61 @@ class SnekboxHandler(BaseHTTPRequestHandler):
 # Command line
 # --------------------------------------------------------------------------------------
 
+# The command line: (flag, help, lowest, highest) for each; the Settings attribute of
+# the same name holds the default and its type.
+FLAGS = (
+    ("--host", "address to listen on (default: %(default)s; 0.0.0.0 exposes it to "
+               "the network)", None, None),
+    ("--port", "port to listen on, 0 for any free one (default: %(default)s)", 0, 65535),
+    ("--workers", "evaluations at once (default: the CPUs, %(default)s)", 1, 4096),
+    ("--max-queue", "requests that may wait for a worker (default: 8 per worker)", 0, None),
+    ("--max-wait", "seconds a request may wait for a worker; 0: as long as its client "
+                   "stays (default: %(default)s)", 0, None),
+    ("--config", "nsjail config (default: snekbox.cfg beside snekbox.py)", None, None),
+    ("--nsjail", "nsjail binary (default: found on PATH or in sbin/bin)", None, None),
+    ("--max-output-size", "bytes of output kept; more stops the jail "
+                          "(default: %(default)s)", 1, None),
+    ("--max-request-size", "largest request body in bytes (default: %(default)s)", 1, None),
+    ("--memfs-size", "bytes of each evaluation's /home tmpfs (default: %(default)s)", MiB, None),
+    ("--files-limit", "most files sent in or returned (default: %(default)s)", 0, None),
+    ("--files-timeout", "seconds for collecting output files (default: %(default)s)",
+     0.001, None),
+    ("--user-base", "folder of third-party packages (a PYTHONUSERBASE), read-only in "
+                    "the jail", None, None),
+    ("--client-timeout", "seconds a client may take to send a request "
+                         "(default: %(default)s)", 0.001, None),
+    ("--keepalive-timeout", "seconds an idle kept-alive connection stays open "
+                            "(default: %(default)s)", 0.001, None),
+    ("--max-connections", "open connections at most (default: %(default)s)", 1, None),
+    ("--prewarm", "jails kept started and waiting for an evaluation; 0: none "
+                  "(default: %(default)s)", 0, 256),
+    ("--max-body-memory", "bytes of request bodies held at once by all connections "
+                          "together; more get 503 (default: 4 times --max-request-size)",
+     0, None),
+    ("--jail-uid-base", f"first of the {JAIL_UID_BLOCK} host uids that jails run as, one "
+                        "per live jail; 0: a random block above 2001000000 (default)",
+     0, 2**31 - 1 - JAIL_UID_BLOCK),
+    ("--log-level", "DEBUG, INFO, WARNING or ERROR (default: %(default)s)", None, None),
+)
+
+
+def _flag_type(kind: type, low: float | None, high: float | None) -> Callable[[str], object]:
+    """An argparse type: ``kind`` of the text, within ``low`` and ``high`` if given."""
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'a whole number' if kind is int else 'a number'}") from None
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(
+                f"{text} is out of range: {low:g} to {high:g}" if high is not None
+                else f"{text} is out of range: at least {low:g}")
+        return value
+    convert.__name__ = kind.__name__
+    return convert
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     """The command line; every flag falls back to a SNEKBOX_* environment variable.
 
@@ -2518,65 +2573,21 @@ def build_arg_parser() -> argparse.ArgumentParser:
         prog="snekbox.py", description="Run untrusted Python code in nsjail, over HTTP.",
         epilog="Each flag can also be set by the environment variable in brackets. The "
                "time, memory and process limits of each evaluation are in the jail config "
-               "(snekbox.cfg: time_limit, cgroup_mem_max, cgroup_pids_max).")
+               "(snekbox.cfg: time_limit, cgroup_mem_max, cgroup_pids_max, "
+               "cgroup_cpu_ms_per_sec).")
     p.env_errors = []   # type: ignore[attr-defined]
-
-    def add(flag: str, help: str, low: float | None = None, high: float | None = None) -> None:
+    for flag, help, low, high in FLAGS:
         name = flag[2:].replace("-", "_")
         default = getattr(defaults, name)
         env = "SNEKBOX_" + name.upper()
-        kind = str if default is None else type(default)
-
-        def convert(text: str):
-            try:
-                value = kind(text)
-            except ValueError:
-                raise argparse.ArgumentTypeError(
-                    f"{text!r} is not {'a whole number' if kind is int else 'a number'}") from None
-            if (low is not None and value < low) or (high is not None and value > high):
-                raise argparse.ArgumentTypeError(
-                    f"{text} is out of range: {low:g} to {high:g}" if high is not None
-                    else f"{text} is out of range: at least {low:g}")
-            return value
-        convert.__name__ = kind.__name__
-
+        convert = str if default is None or isinstance(default, str) else \
+            _flag_type(type(default), low, high)
         if env in os.environ:
             try:
                 default = convert(os.environ[env])
             except argparse.ArgumentTypeError as e:
                 p.env_errors.append(f"{env}: {e}")  # type: ignore[attr-defined]
         p.add_argument(flag, type=convert, default=default, help=f"{help} [{env}]")
-
-    add("--host", "address to listen on (default: %(default)s; 0.0.0.0 exposes it to "
-                  "the network)")
-    add("--port", "port to listen on, 0 for any free one (default: %(default)s)", 0, 65535)
-    add("--workers", "evaluations at once (default: the CPUs, %(default)s)", 1, 4096)
-    add("--max-queue", "requests that may wait for a worker (default: 8 per worker)", 0)
-    add("--max-wait", "seconds a request may wait for a worker; 0: as long as its client "
-                      "stays (default: %(default)s)", 0)
-    add("--config", "nsjail config (default: snekbox.cfg beside snekbox.py)")
-    add("--nsjail", "nsjail binary (default: found on PATH or in sbin/bin)")
-    add("--max-output-size", "bytes of output kept; more stops the jail "
-                             "(default: %(default)s)", 1)
-    add("--max-request-size", "largest request body in bytes (default: %(default)s)", 1)
-    add("--memfs-size", "bytes of each evaluation's /home tmpfs (default: %(default)s)", MiB)
-    add("--files-limit", "most files sent in or returned (default: %(default)s)", 0)
-    add("--files-timeout", "seconds for collecting output files (default: %(default)s)", 0.001)
-    add("--user-base", "folder of third-party packages (a PYTHONUSERBASE), read-only in "
-                       "the jail")
-    add("--client-timeout", "seconds a client may take to send a request "
-                            "(default: %(default)s)", 0.001)
-    add("--keepalive-timeout", "seconds an idle kept-alive connection stays open "
-                               "(default: %(default)s)", 0.001)
-    add("--max-connections", "open connections at most (default: %(default)s)", 1)
-    add("--prewarm", "jails kept started and waiting for an evaluation; 0: none "
-                     "(default: %(default)s)", 0, 256)
-    add("--max-body-memory", "bytes of request bodies held at once by all connections "
-                             "together; more get 503 (default: 4 times --max-request-size)", 0)
-    add("--jail-uid-base", f"first of the {JAIL_UID_BLOCK} host uids that jails run as, one "
-                           "per live jail; 0: a random block above 2001000000 (default)",
-        0, 2**31 - 1 - JAIL_UID_BLOCK)
-    add("--log-level", "DEBUG, INFO, WARNING or ERROR (default: %(default)s)")
     return p
 
 
@@ -2611,6 +2622,33 @@ def release_free_memory() -> None:
         trim(0)
 
 
+def sandbox_for(settings: Settings) -> Sandbox:
+    """The Sandbox that runs the server's evaluations, as ``settings`` say."""
+    return Sandbox(settings.config, settings.nsjail,
+                   max_output_size=settings.max_output_size,
+                   memfs_size=settings.memfs_size, files_limit=settings.files_limit,
+                   files_timeout=settings.files_timeout, user_base=settings.user_base,
+                   prewarm=settings.prewarm, jail_uid_base=settings.jail_uid_base)
+
+
+def stop_on_signals() -> threading.Event:
+    """An event that SIGTERM or SIGINT sets, from now on."""
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    return stop
+
+
+def wait_for(stop: threading.Event) -> None:
+    """Wait for ``stop``; further stop signals are ignored after it."""
+    # A signal that lands on another thread only flags the main one, which acts on it
+    # when it next runs: so wake up now and then instead of sleeping on the event.
+    while not stop.wait(0.5):
+        pass
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)    # already stopping; bounded by the time limit
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Start the server; return the exit status (0 after SIGTERM or SIGINT)."""
     settings = settings_from_args(argv)
@@ -2619,11 +2657,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if settings.log_level != "DEBUG":
         nsjail_log.setLevel(logging.WARNING)    # nsjail's INFO: a dozen lines per run
     try:
-        sandbox = Sandbox(settings.config, settings.nsjail,
-                          max_output_size=settings.max_output_size,
-                          memfs_size=settings.memfs_size, files_limit=settings.files_limit,
-                          files_timeout=settings.files_timeout, user_base=settings.user_base,
-                          prewarm=settings.prewarm, jail_uid_base=settings.jail_uid_base)
+        sandbox = sandbox_for(settings)
     except (SetupError, OSError) as e:
         log.critical("%s", e)
         return 1
@@ -2634,9 +2668,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sandbox.close()
         return 1
 
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+    stop = stop_on_signals()
     # Serve while the self-test runs, so that the first requests need not wait for it;
     # /health answers 503 until it has passed, and a failure stops everything.
     threading.Thread(target=server.serve_forever, name="accept", daemon=True).start()
@@ -2652,12 +2684,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("snekbox listening on http://%s:%d with %d worker%s (nsjail %s, cgroup v%d)",
              f"[{host}]" if ":" in host else host, port, settings.workers,
              "" if settings.workers == 1 else "s", sandbox.nsjail, sandbox.cgroups.version)
-    # A signal that lands on another thread only flags the main one, which acts on it
-    # when it next runs: so wake up now and then instead of sleeping on the event.
-    while not stop.wait(0.5):
-        pass
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, signal.SIG_IGN)    # already stopping; bounded by the time limit
+    wait_for(stop)
     log.info("stopping: finishing running evaluations")
     stop_server(server, sandbox)
     log.info("stopped")

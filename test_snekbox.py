@@ -1423,7 +1423,7 @@ class OperatorMistakesTests(unittest.TestCase):
     def test_a_dropped_sandbox_leaves_nothing_behind(self):
         sandbox = snekbox.Sandbox(CONFIG, prewarm=1)
         root = sandbox.memfs_root
-        self.assertTrue(wait_until(lambda: sandbox.warm_jails == 1))
+        self.assertTrue(wait_until(lambda warm=sandbox: warm.warm_jails == 1))
         del sandbox
         gc.collect()
         self.assertTrue(wait_until(lambda: not mounts_below(root) and not nsjail_pids_using(root)))
