@@ -21,17 +21,25 @@ The HTTP API, compatible with python-discord/snekbox:
     stdin            text fed to the process's standard input (default: empty)
     files            [{"path": "relative/path", "content": "<base64>"}] written to /home
     executable_path  another interpreter inside the jail instead of the config's
+    limits           {"time": s, "memory": bytes, "processes": n, "output": bytes}, each
+                     optional and at most the server's own
+    stderr           true: standard error apart from standard output
 
 and answers 200 with::
 
-    {"stdout": "<stdout and stderr>", "returncode": 0, "files": [{"path", "size",
-     "content"}], "timed_out": false, "truncated": false, "duration": 0.02,
-     "error": null}
+    {"stdout": "<stdout and stderr>", "returncode": 0, "timed_out": false,
+     "truncated": false, "duration": 0.02, "error": null, "status": "ok",
+     "usage": {"wall": 0.01, "cpu": 0.01, "memory": 9437184}, "files": [{"path",
+     "size", "content"}]}
 
-``returncode`` is the exit status, 128+N after signal N (137: time or memory limit,
-139: segfault), or null when the jail could not start the process (``error`` says
-why). ``files`` holds the files the code created or changed in /home. Errors are
-``{"title": ..., "description": ...}`` with 400, 404, 405, 408, 411, 413, 415 or 503.
+``returncode`` is the exit status, 128+N after signal N, or null when the jail could not
+start the process (``error`` says why). ``status`` says in one word how the run ended:
+ok, error, signal, timeout, memory, output, cancelled or failed. ``usage`` gives the
+program's wall and CPU seconds and its peak memory. With ``"stderr": true`` the answer
+also has ``stderr``. ``files`` holds the files the code created or changed in /home;
+``warnings`` lists request fields that had no effect. Errors are ``{"title": ...,
+"description": ...}`` with a 4xx status, or 503 when the server can't take the work.
+Every answer carries an ``X-Request-Id`` (the client's, when it sends a sane one).
 
 ``GET /health`` answers 200 with the service's state while it takes requests.
 
@@ -44,6 +52,18 @@ As a library, without a server::
     from snekbox import Sandbox
     result = Sandbox().run(["-c", "print(1 + 1)"])
     print(result.returncode, result.stdout)
+
+The chapters of this file, in order:
+
+    Vocabulary      constants, errors and the records everything else passes around
+    Jail policy     reading snekbox.cfg
+    Host            nsjail, cgroups, tmpfs mounts, host users, clean-up after a crash
+    /home           the uploads going in and the files coming out
+    The jail        one nsjail process, and the exchange of bytes with it while it runs
+    Warm jails      jails started ahead of time, and their pool
+    Sandbox         the façade: one evaluation from arguments to result
+    HTTP            request parsing, worker slots, the server and its handler
+    Command line    Settings, the flags that fill them, and main
 """
 
 from __future__ import annotations
@@ -61,6 +81,7 @@ import itertools
 import marshal
 import json
 import logging
+import math
 import os
 import posixpath
 import re
@@ -87,17 +108,18 @@ import http.client
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NamedTuple
 
 __all__ = [
-    "Sandbox", "EvalResult", "File", "JailConfig", "InvalidRequest", "SandboxUnavailable",
-    "parse_eval_request", "EvalRequest", "main",
+    "Sandbox", "EvalResult", "File", "Limits", "Usage", "JailConfig", "InvalidRequest",
+    "SandboxUnavailable", "parse_eval_request", "EvalRequest", "main",
 ]
 
 log = logging.getLogger("snekbox")
 nsjail_log = logging.getLogger("snekbox.nsjail")
 
 # --------------------------------------------------------------------------------------
-# Configuration
+# Vocabulary: constants, errors, records
 # --------------------------------------------------------------------------------------
 
 MiB = 1024 * 1024
@@ -105,6 +127,12 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "snekb
 DEFAULT_MEMFS_ROOT = "/run/snekbox"
 NSJAIL_PLACES = ("/usr/sbin/nsjail", "/usr/local/sbin/nsjail", "/usr/bin/nsjail",
                  "/usr/local/bin/nsjail", "/sbin/nsjail", "/bin/nsjail")
+
+# The defaults of the limits that the server's flags, Sandbox and request parsing share.
+DEFAULT_OUTPUT_SIZE = 1_000_000         # bytes of output kept
+DEFAULT_MEMFS_SIZE = 48 * MiB           # bytes of each evaluation's /home
+DEFAULT_FILES_LIMIT = 100               # files sent in or returned
+DEFAULT_FILES_TIMEOUT = 5.0             # seconds for writing or collecting them
 
 JAIL_UID = 65534             # the jailed process's user and group inside its namespace
 # Outside, each live jail is a host user of its own (see JailUsers), taken from a block of
@@ -128,52 +156,9 @@ SIGPENDING_LIMIT = 64                   # real-time signals a jail may have queu
 MIN_UPLOAD_RATE = 64 * 1024   # bytes/s a body may take beyond --client-timeout
 KILL_GRACE = 3.0             # seconds past the jail's time limit before nsjail is killed
 CGROUP_ROOT = "/sys/fs/cgroup"
-
-
-# The records below are named tuples and small classes rather than dataclasses: the
-# dataclasses module imports inspect and typing, which cost the server 2 MiB and 6 ms.
-
-class Settings:
-    """Everything the server is started with; see ``build_arg_parser`` for each.
-
-    The class attributes are the defaults; ``Settings(workers=4)`` overrides one.
-    """
-
-    host: str = "127.0.0.1"
-    port: int = 8060
-    workers: int = len(os.sched_getaffinity(0))
-    max_queue: int = 0            # 0: 8 per worker
-    max_wait: float = 0.0         # 0: as long as the client stays
-    config: str = DEFAULT_CONFIG
-    nsjail: str | None = None
-    max_output_size: int = 1_000_000
-    max_request_size: int = 16 * MiB
-    memfs_size: int = 48 * MiB
-    files_limit: int = 100
-    files_timeout: float = 5.0
-    user_base: str | None = None
-    client_timeout: float = 10.0
-    keepalive_timeout: float = 75.0     # longer than common clients' pools keep them
-    max_connections: int = 256
-    prewarm: int = 2
-    max_body_memory: int = 0      # 0: 4 times max_request_size
-    jail_uid_base: int = 0        # 0: a random block
-    log_level: str = "INFO"
-
-    def __init__(self, **values):
-        for name, value in values.items():
-            if name not in Settings.__annotations__:
-                raise TypeError(f"no setting named {name!r}")
-            setattr(self, name, value)
-
-    @property
-    def queue_limit(self) -> int:
-        return self.max_queue or 8 * self.workers
-
-    @property
-    def body_budget(self) -> int:
-        return self.max_body_memory or 4 * self.max_request_size
-
+# nsjail itself runs in its jail's cgroup (so nothing the jail does escapes it): its own
+# memory and the kernel's for the namespaces come on top of the program's limit.
+NSJAIL_MEMORY = 8 * MiB
 
 # The titles python-discord/snekbox gives these errors; its clients may show them.
 DATA_INVALID = "Request data failed validation"
@@ -181,21 +166,134 @@ FILE_INVALID = "Request file is invalid"
 
 
 class InvalidRequest(ValueError):
-    """The evaluation can't run as asked (the client's fault); ``status`` is 400 or 413,
-    ``title`` a short name of the problem (the message says it in full)."""
+    """The evaluation or HTTP request can't be done as asked (the client's fault).
 
-    def __init__(self, status: int, message: str, title: str = DATA_INVALID):
+    ``status`` is the HTTP status (4xx), ``title`` a short name of the problem (the
+    message says it in full), ``headers`` any the answer must carry.
+    """
+
+    def __init__(self, status: int, message: str, title: str = DATA_INVALID,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.title = title
+        self.headers = headers or {}
+
+    @classmethod
+    def http(cls, status: int, message: str,
+             headers: dict[str, str] | None = None) -> InvalidRequest:
+        """An error of the HTTP exchange itself, titled with the status's phrase."""
+        return cls(status, message, HTTPStatus(status).phrase, headers)
 
 
 class SandboxUnavailable(RuntimeError):
     """The jail can't be started right now (the host's fault, not the request's)."""
 
 
+class SetupError(Exception):
+    """The host can't run jails as configured; the message says what to do."""
+
+
+class Busy(Exception):
+    """No worker slot could be had; the message says which limit was hit."""
+
+
+# The records are named tuples rather than dataclasses: the dataclasses module imports
+# inspect, which costs the server 2 MiB and 6 ms.
+
+class File(NamedTuple):
+    """A file going into the jail's /home or coming out of it: a path relative to /home
+    and the content."""
+
+    path: str
+    content: bytes = b""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "size": len(self.content),
+                "content": base64.b64encode(self.content).decode("ascii")}
+
+
+class Limits(NamedTuple):
+    """The limits of one evaluation: wall seconds, bytes of memory, processes, bytes of
+    output (0 for memory or processes: none)."""
+
+    time: float
+    memory: int
+    processes: int
+    output: int
+
+    def lowered(self, asked: dict[str, float]) -> Limits:
+        """These limits with the ones in ``asked`` (checked to be at most these)."""
+        return self._replace(**asked)
+
+
+class Usage(NamedTuple):
+    """What a run used: wall seconds from the hand-over to the program's end, CPU
+    seconds and peak bytes of memory of its jail (None where the host can't tell)."""
+
+    wall: float
+    cpu: float | None
+    memory: int | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"wall": round(self.wall, 4),
+                "cpu": None if self.cpu is None else round(self.cpu, 4),
+                "memory": self.memory}
+
+
+class EvalResult(NamedTuple):
+    """The outcome of one evaluation; ``to_json`` gives the HTTP answer's fields.
+
+    ``status`` is one of STATUSES; ``stderr`` is None unless it was asked for apart
+    from ``stdout``; ``warm`` says whether a warm jail ran it.
+    """
+
+    stdout: str
+    returncode: int | None
+    files: list[File] = []
+    timed_out: bool = False
+    truncated: bool = False
+    duration: float = 0.0
+    error: str | None = None
+    status: str = "ok"
+    usage: Usage | None = None
+    stderr: str | None = None
+    warm: bool = False
+
+    def to_json(self, files: bool = True) -> dict[str, Any]:
+        """The HTTP answer's fields (without ``files``: the others only)."""
+        data: dict[str, Any] = {"stdout": self.stdout}
+        if self.stderr is not None:
+            data["stderr"] = self.stderr
+        data.update(returncode=self.returncode, timed_out=self.timed_out,
+                    truncated=self.truncated, duration=round(self.duration, 4),
+                    error=self.error, status=self.status,
+                    usage=self.usage.to_json() if self.usage else None)
+        if files:
+            data["files"] = [f.to_json() for f in self.files]
+        return data
+
+
+# How a run ended, most telling first: the first that applies is its status.
+STATUSES = ("failed", "cancelled", "timeout", "output", "memory", "signal", "error", "ok")
+
+
+class EvalRequest(NamedTuple):
+    """A validated ``POST /eval`` body: interpreter arguments, stdin bytes, Files to
+    upload, the interpreter to use (None: the config's), the limits asked for, whether
+    stderr comes apart, and the fields that were ignored."""
+
+    args: list[str]
+    stdin: bytes
+    files: list[File]
+    executable_path: str | None
+    limits: dict[str, float] = {}
+    stderr: bool = False
+    ignored: list[str] = []
+
+
 # --------------------------------------------------------------------------------------
-# Reading snekbox.cfg
+# Jail policy: reading snekbox.cfg
 # --------------------------------------------------------------------------------------
 
 _TOKEN = re.compile(r"""
@@ -362,19 +460,16 @@ class JailConfig(collections.namedtuple("JailConfig", [
 
 
 # --------------------------------------------------------------------------------------
-# Cgroups
+# Host: nsjail, cgroups, tmpfs mounts, host users, clean-up after a crash
 # --------------------------------------------------------------------------------------
 
-class SetupError(Exception):
-    """The host can't run jails as configured; the message says what to do."""
-
-
-class CgroupSetup(collections.namedtuple("CgroupSetup",
-                                          "version swap_limited nsjail_args parents")):
-    """What ``prepare_cgroups`` found: the cgroup version, whether the jail's swap is
-    limited, the nsjail flags that follow, and the groups nsjail creates its own in."""
-
-    __slots__ = ()
+def find_nsjail(explicit: str | None = None) -> str | None:
+    """``explicit`` if given, else nsjail on PATH or in the usual sbin/bin places."""
+    if explicit:
+        return explicit
+    on_path = tuple(os.path.join(folder, "nsjail") for folder in os.get_exec_path())
+    return next((p for p in on_path + NSJAIL_PLACES
+                 if os.path.isfile(p) and os.access(p, os.X_OK)), None)
 
 
 def cgroup_version(root: str = CGROUP_ROOT) -> int:
@@ -396,141 +491,303 @@ def _read_words(path: str) -> list[str]:
         return f.read().split()
 
 
-def prepare_cgroups(cfg: JailConfig, root: str = CGROUP_ROOT,
-                    swaps: str = "/proc/swaps") -> CgroupSetup:
-    """Make the cgroups that nsjail needs for ``cfg`` and say how to call nsjail.
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
 
-    cgroup v1: create the parent groups of the controllers the config uses.
-    cgroup v2: enable those controllers for child groups where they aren't, moving
-    the processes of the top group into a child first (a group with processes can't
-    hand controllers down). Without a swap controller, nsjail must not be asked for a
-    swap limit, or every run would fail; without a cpu controller (some containers
-    don't delegate it), the CPU limit is dropped with a warning, likewise.
+
+def _read_field(path: str, name: str) -> int | None:
+    """The number after ``name`` in a flat-keyed cgroup file, None if it has none."""
+    try:
+        with open(path) as f:
+            for line in f:
+                key, _, value = line.partition(" ")
+                if key == name:
+                    return int(value)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _read_number(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def own_cgroup_v2(proc_cgroup: str = "/proc/self/cgroup") -> str:
+    """This process's group in the unified hierarchy, as a path from its root."""
+    with open(proc_cgroup) as f:
+        for line in f:
+            if line.startswith("0::"):
+                return line[3:].strip()
+    return "/"
+
+
+class JailCgroup:
+    """The cgroup of one jail: a folder per hierarchy (one on v2). nsjail is started in
+    it (``enter_fds`` are written to from the child), so the jail, its processes and
+    nsjail's own set-up for it are all inside; ``usage`` and ``oom_kills`` read what
+    they used after the run, ``remove`` deletes it."""
+
+    def __init__(self, version: int, folders: dict[str, str]):
+        self.version = version
+        self.folders = folders      # controller (v1) or "unified" (v2) -> folder
+
+    def limit(self, limits: Limits, swap: int | None) -> None:
+        """Set (or lower) the memory, process and swap limits; ``swap`` is the swap
+        the jail may use on top of its memory (None: not limited)."""
+        memory = limits.memory + NSJAIL_MEMORY if limits.memory else 0
+        processes = limits.processes + 1 if limits.processes else 0     # nsjail itself
+        if self.version == 1:
+            if memory:
+                self._set("memory", "memory.limit_in_bytes", str(memory))
+                if swap is not None:
+                    self._set("memory", "memory.memsw.limit_in_bytes", str(memory + swap))
+            if processes:
+                self._set("pids", "pids.max", str(processes))
+        else:
+            if memory:
+                self._set("unified", "memory.max", str(memory))
+                if swap is not None:
+                    self._set("unified", "memory.swap.max", str(swap))
+            if processes:
+                self._set("unified", "pids.max", str(processes))
+
+    def limit_cpu(self, ms_per_sec: int) -> None:
+        """Let the jail use ``ms_per_sec`` ms of CPU time each second, over all CPUs."""
+        if self.version == 1:
+            self._set("cpu", "cpu.cfs_period_us", "1000000")
+            self._set("cpu", "cpu.cfs_quota_us", str(ms_per_sec * 1000))
+        else:
+            self._set("unified", "cpu.max", f"{ms_per_sec * 1000} 1000000")
+
+    def _set(self, controller: str, name: str, value: str) -> None:
+        _write(os.path.join(self.folders[controller], name), value)
+
+    def enter_fds(self) -> list[int]:
+        """Open descriptors of the group's process lists, for ``join_cgroups``."""
+        return [os.open(os.path.join(folder, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
+                for folder in dict.fromkeys(self.folders.values())]
+
+    def usage(self) -> tuple[float | None, int | None]:
+        """CPU seconds and peak bytes of memory used in the group so far."""
+        if self.version == 1:
+            cpu_ns = _read_number(os.path.join(self.folders.get("cpuacct", ""), "cpuacct.usage"))
+            peak = _read_number(os.path.join(self.folders.get("memory", ""),
+                                             "memory.max_usage_in_bytes"))
+            return (None if cpu_ns is None else cpu_ns / 1e9), peak
+        folder = self.folders["unified"]
+        cpu_us = _read_field(os.path.join(folder, "cpu.stat"), "usage_usec")
+        return (None if cpu_us is None else cpu_us / 1e6), \
+            _read_number(os.path.join(folder, "memory.peak"))
+
+    def oom_kills(self) -> int:
+        """Processes the group's memory limit has killed."""
+        if self.version == 1:
+            path = os.path.join(self.folders.get("memory", ""), "memory.oom_control")
+        else:
+            path = os.path.join(self.folders["unified"], "memory.events")
+        return _read_field(path, "oom_kill") or 0
+
+    def remove(self) -> None:
+        """Delete the group; its last processes may take a moment to leave it."""
+        for folder in dict.fromkeys(self.folders.values()):
+            for _ in range(200):
+                try:
+                    os.rmdir(folder)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError as e:
+                    if e.errno != errno.EBUSY:
+                        log.warning("cannot remove the jail's cgroup %s: %s", folder, e.strerror)
+                        break
+                    time.sleep(0.005)
+            else:
+                log.warning("the jail's cgroup %s still has processes; left for the next "
+                            "start to remove", folder)
+
+
+def join_cgroups(fds: Sequence[int]) -> None:
+    """Move the calling process into the groups behind ``fds`` (in a child before exec)."""
+    for fd in fds:
+        os.write(fd, b"0")
+
+
+class JailCgroups:
+    """Where and how each jail gets a cgroup of its own, as ``prepare_cgroups`` found.
+
+    snekbox makes the groups itself and starts nsjail inside (nsjail is told to make
+    none): so it can read what a jail used and whether its memory limit killed it, lower
+    limits per evaluation, and keep its jails inside its own part of the hierarchy.
+    """
+
+    def __init__(self, version: int, parents: dict[str, str], config: JailConfig,
+                 swap: int | None):
+        self.version = version
+        self.parents = parents      # controller (v1) or "unified" (v2) -> parent folder
+        self.cpu_ms_per_sec = config.cpu_ms_per_sec
+        self.swap = swap
+        self.swap_limited = swap is not None
+        # nsjail must not make groups of its own: snekbox's hold it.
+        self.nsjail_args = ("--cgroup_mem_max", "0", "--cgroup_pids_max", "0",
+                            "--cgroup_cpu_ms_per_sec", "0", "--cgroup_mem_memsw_max", "0",
+                            "--cgroup_mem_swap_max", "-1")
+
+    def create(self, name: str, limits: Limits) -> JailCgroup:
+        """A new group called ``name`` with ``limits``; OSError if it can't be made."""
+        group = JailCgroup(self.version, {controller: os.path.join(parent, name)
+                                          for controller, parent in self.parents.items()})
+        made = []
+        try:
+            for folder in dict.fromkeys(group.folders.values()):
+                os.mkdir(folder)
+                made.append(folder)
+            group.limit(limits, self.swap)
+            if self.cpu_ms_per_sec:
+                group.limit_cpu(self.cpu_ms_per_sec)
+        except OSError:
+            for folder in made:
+                os.rmdir(folder)
+            raise
+        return group
+
+    def remove_stale(self) -> int:
+        """Remove the empty groups under the parents (a crashed server's, or an older
+        nsjail's); return how many. A group is stale when no process is in it: the pid
+        in a name says nothing, being the pid in another namespace, maybe."""
+        removed = 0
+        for parent in dict.fromkeys(self.parents.values()):
+            try:
+                entries = [e for e in os.scandir(parent) if e.is_dir(follow_symlinks=False)]
+            except OSError:
+                continue
+            for entry in entries:
+                if not entry.name.startswith(("snekbox-jail-", "NSJAIL.")):
+                    continue
+                try:
+                    if not _read_words(os.path.join(entry.path, "cgroup.procs")):
+                        os.rmdir(entry.path)
+                        removed += 1
+                except OSError:
+                    pass
+        return removed
+
+
+def prepare_cgroups(cfg: JailConfig, root: str = CGROUP_ROOT, swaps: str = "/proc/swaps",
+                    own: str | None = None) -> JailCgroups:
+    """Make the parent groups of the jails' cgroups for ``cfg``.
+
+    cgroup v1: the config's parent group in each hierarchy it limits (and cpuacct's, to
+    read the CPU time). cgroup v2: ``snekbox-jails`` below the group this process runs
+    in (``own``; under systemd, the service's, which Delegate=yes hands over), so that
+    limits on the service bound its jails too; the processes of that group move into a
+    child first, as a group with processes can't hand controllers down. Without a swap
+    controller the jail's swap is not limited; without a cpu controller (some containers
+    don't delegate it) neither is its CPU time: each with a warning.
     """
     wants_swap_limit = cfg.mem_max > 0 and (cfg.mem_swap_max >= 0 or cfg.mem_memsw_max > 0)
-    cfg, args = _without_missing_cpu_controller(cfg, root)
     if cgroup_version(root) == 1:
         version = 1
-        used = [(cfg.mem_max, cfg.mem_mount, cfg.mem_parent, "memory"),
-                (cfg.pids_max, cfg.pids_mount, cfg.pids_parent, "pids"),
-                (cfg.cpu_ms_per_sec, cfg.cpu_mount, cfg.cpu_parent, "cpu")]
-        parents = []
-        for limit, mount, parent, name in used:
-            if not limit:
-                continue
-            if not os.path.isdir(mount):
-                raise SetupError(f"the cgroup v1 {name} controller is not mounted at {mount}")
-            parents.append(os.path.join(mount, parent))
-            os.makedirs(parents[-1], exist_ok=True)
+        cfg = _without_missing_cpu_controller(cfg, os.path.isdir(cfg.cpu_mount))
+        parents = _v1_parents(cfg)
         has_swap = os.path.exists(os.path.join(cfg.mem_mount, "memory.memsw.limit_in_bytes"))
     else:
-        version, args = 2, args + ["--use_cgroupv2"]
-        mount = cfg.cgroupv2_mount
-        parents = [mount]
-        needed = [name for limit, name in ((cfg.mem_max, "memory"), (cfg.pids_max, "pids"),
-                                           (cfg.cpu_ms_per_sec, "cpu")) if limit]
-        missing = [c for c in needed if c not in _read_words(os.path.join(mount, "cgroup.controllers"))]
-        if missing:
-            raise SetupError(f"cgroup v2 controllers not available in {mount}: {' '.join(missing)}")
-        _enable_v2_controllers(mount, needed)
-        has_swap = _v2_has_swap_files(mount)
-
+        version = 2
+        here = _own_group_folder(root, own if own is not None else own_cgroup_v2())
+        cfg = _without_missing_cpu_controller(
+            cfg, "cpu" in _read_words(os.path.join(here, "cgroup.controllers")))
+        parents = {"unified": _v2_parent(cfg, here)}
+        has_swap = os.path.exists(os.path.join(parents["unified"], "memory.swap.max"))
     if wants_swap_limit and not has_swap:
-        # Override the config's swap limit: memsw 0 and swap -1 both mean "none".
-        args += ["--cgroup_mem_memsw_max", "0", "--cgroup_mem_swap_max", "-1"]
         log.warning("this kernel has no swap controller for cgroups: the jail's memory "
                     "limit cannot cover swap")
-    swap_limited = wants_swap_limit and has_swap
-    if not swap_limited and swap_enabled(swaps):
+    swap = None
+    if wants_swap_limit and has_swap:
+        swap = max(cfg.mem_memsw_max - cfg.mem_max, 0) if cfg.mem_memsw_max > 0 \
+            else cfg.mem_swap_max
+    elif swap_enabled(swaps):
         log.warning("swap is on and the jail's memory limit does not cover it: jailed code "
                     "may use swap beyond the limit (turn swap off, or enable swap accounting)")
-    return CgroupSetup(version, swap_limited, tuple(args), tuple(parents))
+    return JailCgroups(version, parents, cfg, swap)
 
 
-def _without_missing_cpu_controller(cfg: JailConfig, root: str) -> tuple[JailConfig, list[str]]:
-    """``cfg`` and no nsjail flags, or, where the host has no cpu controller for the
-    jails, ``cfg`` without its CPU limit and the flag that drops it."""
-    if not cfg.cpu_ms_per_sec:
-        return cfg, []
-    if cgroup_version(root) == 1:
-        present = os.path.isdir(cfg.cpu_mount)
-    else:
-        present = "cpu" in _read_words(os.path.join(cfg.cgroupv2_mount, "cgroup.controllers"))
-    if present:
-        return cfg, []
+def _without_missing_cpu_controller(cfg: JailConfig, present: bool) -> JailConfig:
+    """``cfg``, without its CPU limit where the host has no cpu controller for jails."""
+    if not cfg.cpu_ms_per_sec or present:
+        return cfg
     log.warning("this host has no cpu cgroup controller for the jails: their CPU use is not "
                 "limited (cgroup_cpu_ms_per_sec)")
-    return cfg._replace(cpu_ms_per_sec=0), ["--cgroup_cpu_ms_per_sec", "0"]
+    return cfg._replace(cpu_ms_per_sec=0)
 
 
-def _enable_v2_controllers(mount: str, needed: list[str]) -> None:
-    control = os.path.join(mount, "cgroup.subtree_control")
+def _v1_parents(cfg: JailConfig) -> dict[str, str]:
+    """The parent group of each v1 hierarchy the jails use, made where missing."""
+    used = [(cfg.mem_max > 0, cfg.mem_mount, cfg.mem_parent, "memory"),
+            (cfg.pids_max > 0, cfg.pids_mount, cfg.pids_parent, "pids"),
+            (cfg.cpu_ms_per_sec > 0, cfg.cpu_mount, cfg.cpu_parent, "cpu"),
+            (False, os.path.join(os.path.dirname(cfg.cpu_mount), "cpuacct"), cfg.cpu_parent,
+             "cpuacct")]
+    parents = {}
+    for required, mount, parent, name in used:
+        if not os.path.isdir(mount):
+            if required:
+                raise SetupError(f"the cgroup v1 {name} controller is not mounted at {mount}")
+            continue    # used only to read what the jails used
+        parents[name] = os.path.realpath(os.path.join(mount, parent))
+        os.makedirs(parents[name], exist_ok=True)
+    return parents
+
+
+def _own_group_folder(root: str, own: str) -> str:
+    """The folder of the group ``own``; a snekbox started from the group an earlier one
+    moved itself into (``snekbox-init``) shares that one's jails' parent."""
+    if posixpath.basename(own) == "snekbox-init":
+        own = posixpath.dirname(own)
+    return os.path.join(root, own.strip("/"))
+
+
+def _v2_parent(cfg: JailConfig, here: str) -> str:
+    """``snekbox-jails`` below ``here``, with the controllers the jails need enabled."""
+    needed = ["memory", "pids"] + (["cpu"] if cfg.cpu_ms_per_sec else [])
+    missing = [c for c in needed if c not in _read_words(os.path.join(here, "cgroup.controllers"))]
+    if missing:
+        raise SetupError(f"cgroup v2 controllers not available in {here}: {' '.join(missing)}"
+                         " (under systemd, give the service Delegate=yes)")
+    _enable_v2_controllers(here, needed)
+    parent = os.path.join(here, "snekbox-jails")
+    os.makedirs(parent, exist_ok=True)
+    _enable_v2_controllers(parent, needed)
+    return parent
+
+
+def _enable_v2_controllers(group: str, needed: list[str]) -> None:
+    control = os.path.join(group, "cgroup.subtree_control")
     if all(c in _read_words(control) for c in needed):
         return
     request = " ".join("+" + c for c in needed)
     try:
-        with open(control, "w") as f:
-            f.write(request)
+        _write(control, request)
         return
     except OSError as e:
         if e.errno != errno.EBUSY:
             raise SetupError(f"cannot enable cgroup controllers in {control}: {e}") from e
     # Processes in this group: move them into a child, then try again.
-    init = os.path.join(mount, "snekbox-init")
+    init = os.path.join(group, "snekbox-init")
     os.makedirs(init, exist_ok=True)
-    for pid in _read_words(os.path.join(mount, "cgroup.procs")):
+    for pid in _read_words(os.path.join(group, "cgroup.procs")):
         try:
-            with open(os.path.join(init, "cgroup.procs"), "w") as f:
-                f.write(pid)
+            _write(os.path.join(init, "cgroup.procs"), pid)
         except OSError:
             pass    # kernel threads and exited processes can't move; that's fine
     try:
-        with open(control, "w") as f:
-            f.write(request)
+        _write(control, request)
     except OSError as e:
         raise SetupError(f"cannot enable cgroup controllers in {control}: {e}") from e
 
-
-def _v2_has_swap_files(mount: str) -> bool:
-    children = [e.path for e in os.scandir(mount) if e.is_dir(follow_symlinks=False)]
-    probe = None
-    if not children:
-        probe = os.path.join(mount, f"snekbox-probe-{os.getpid()}")
-        os.mkdir(probe)
-        children = [probe]
-    try:
-        return any(os.path.exists(os.path.join(c, "memory.swap.max")) for c in children)
-    finally:
-        if probe:
-            os.rmdir(probe)
-
-
-def remove_stale_cgroups(parents: Iterable[str]) -> int:
-    """Remove empty NSJAIL.<pid> groups whose nsjail is gone; return how many."""
-    removed = 0
-    for parent in parents:
-        try:
-            entries = list(os.scandir(parent))
-        except OSError:
-            continue
-        for entry in entries:
-            pid = entry.name.rpartition(".")[2]
-            if entry.name.startswith("NSJAIL.") and pid.isdigit() and not _pid_alive(int(pid)):
-                try:
-                    os.rmdir(entry.path)
-                    removed += 1
-                except OSError:
-                    pass
-    return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    return os.path.exists(f"/proc/{pid}")
-
-
-# --------------------------------------------------------------------------------------
-# Per-evaluation tmpfs ("memfs") and the files in it
-# --------------------------------------------------------------------------------------
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = (ctypes.c_char_p,) * 3 + (ctypes.c_ulong, ctypes.c_char_p)
@@ -567,264 +824,63 @@ def mounts_under(folder: str, mountinfo: str = "/proc/self/mountinfo") -> list[s
     return sorted(found, key=len, reverse=True)
 
 
-class File(collections.namedtuple("File", "path content", defaults=(b"",))):
-    """A file going into the jail's /home or coming out of it: a path relative to /home
-    and the content."""
+class JailUsers:
+    """The host uids of jails: each live jail holds one of its own, so that the kernel's
+    per-user budgets (pipe buffers, descriptors in flight, epoll watches, ...) are never
+    shared by two evaluations. A uid comes back after its jail has ended, to the end of
+    the line: the longest unused goes out next."""
 
-    __slots__ = ()
+    def __init__(self, first: int, count: int = JAIL_UID_BLOCK):
+        self.first, self.count = first, count
+        self._free = collections.deque(range(first, first + count))
+        self._lock = threading.Lock()
 
-    def to_json(self) -> dict:
-        return {"path": self.path, "size": len(self.content),
-                "content": base64.b64encode(self.content).decode("ascii")}
+    @classmethod
+    def random_block(cls) -> JailUsers:
+        """A block of JAIL_UID_BLOCK uids somewhere in JAIL_UIDS_FROM..JAIL_UIDS_TO, so
+        that servers started without --jail-uid-base are unlikely to share one."""
+        blocks = (JAIL_UIDS_TO - JAIL_UIDS_FROM) // JAIL_UID_BLOCK
+        return cls(JAIL_UIDS_FROM + int.from_bytes(os.urandom(4), "big") % blocks * JAIL_UID_BLOCK)
 
+    def take(self) -> int:
+        with self._lock:
+            if not self._free:
+                raise SandboxUnavailable(f"all {self.count} host users for jails are in use")
+            return self._free.popleft()
 
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
-
-
-def _keep_first(kept: list, item: tuple, limit: int) -> None:
-    """Add ``item`` to the sorted list ``kept`` if it is among the first ``limit``."""
-    if len(kept) < limit or item[0] < kept[-1][0]:
-        bisect.insort(kept, item, key=lambda kept_item: kept_item[0])
-        del kept[limit:]
-
-
-def upload_path(path: str, name: str) -> str:
-    """``path`` made normal, if it names a file that may be written under /home; else
-    InvalidRequest(400) saying why, the field called ``name``."""
-    if not path:
-        raise InvalidRequest(400, f"{name} must not be empty", FILE_INVALID)
-    if "\0" in path:
-        raise InvalidRequest(400, f"{name} must not contain a NUL character", FILE_INVALID)
-    if not _is_utf8(path):
-        raise InvalidRequest(400, f"{name} contains a lone surrogate (invalid Unicode)",
-                             FILE_INVALID)
-    if path.startswith("/"):
-        raise InvalidRequest(400, f"{name} {path[:100]!r} must be relative to /home", FILE_INVALID)
-    normal = posixpath.normpath(path)
-    if normal == ".." or normal.startswith("../"):
-        raise InvalidRequest(400, f"{name} {path[:100]!r} leads outside /home", FILE_INVALID)
-    if normal == "." or path.endswith("/"):
-        raise InvalidRequest(400, f"{name} {path[:100]!r} must name a file", FILE_INVALID)
-    parts = normal.split("/")
-    if len(parts) > MAX_FILE_DEPTH:
-        raise InvalidRequest(400, f"{name} {path[:100]!r} is over {MAX_FILE_DEPTH} "
-                                  "folders deep", FILE_INVALID)
-    if len(path.encode()) > MAX_PATH_BYTES or any(len(p.encode()) > MAX_NAME_BYTES for p in parts):
-        raise InvalidRequest(400, f"{name} {path[:100]!r} is too long: at most "
-                                  f"{MAX_NAME_BYTES} bytes a name, {MAX_PATH_BYTES} in all",
-                             FILE_INVALID)
-    return normal
+    def give_back(self, uid: int) -> None:
+        with self._lock:
+            self._free.append(uid)
 
 
-def check_files(files: Iterable[File], limit: int) -> list[File]:
-    """The uploads with their paths made normal; InvalidRequest naming the first one
-    that can't be written under /home, TypeError for what isn't a File of bytes."""
-    if isinstance(files, (str, bytes)):
-        raise TypeError(f"files must be a list of File, not {type(files).__name__}")
-    checked: list[File] = []
-    seen = set()
-    for i, upload in enumerate(files):
-        if not isinstance(upload, File):
-            raise TypeError(f"files[{i}] must be a File, not {type(upload).__name__}")
-        if not isinstance(upload.path, str):
-            raise TypeError(f"files[{i}].path must be a str, not {type(upload.path).__name__}")
-        if not isinstance(upload.content, (bytes, bytearray, memoryview)):
-            raise TypeError(f"files[{i}].content must be bytes, not "
-                            f"{type(upload.content).__name__}")
-        if i >= limit:
-            raise InvalidRequest(400, f"files: at most {limit} files", FILE_INVALID)
-        path = upload_path(upload.path, f"files[{i}].path")
-        if path in seen:
-            raise InvalidRequest(400, f"files[{i}].path {path[:100]!r} is given twice",
-                                 FILE_INVALID)
-        seen.add(path)
-        checked.append(File(path, upload.content))
-    return checked
+def limit_pending_signals(limit: int = SIGPENDING_LIMIT) -> None:
+    """Lower this process's RLIMIT_SIGPENDING, which nsjail and its jails inherit.
+
+    Signals queued in a jail count against root's budget on the host too (root made the
+    jail's user namespace), and nsjail sets no limit on them: without this one jail
+    could queue enough real-time signals that every root process's sigqueue fails.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_SIGPENDING)
+    if hard == resource.RLIM_INFINITY or hard > limit:
+        resource.setrlimit(resource.RLIMIT_SIGPENDING, (min(soft, limit), limit))
 
 
-class MemFS:
-    """A tmpfs of its own for one evaluation, owned by the jail's host user ``uid``:
-    ``mount`` it, ``write_files`` into it, ``collect_files`` after the run, ``remove`` it."""
+PR_SET_PDEATHSIG = 1
 
-    def __init__(self, root: str, name: str, size: int, uid: int = JAIL_UID):
-        self.path = os.path.join(root, name)
-        self.size = size
-        self.uid = uid
 
-    def mount(self) -> None:
-        os.mkdir(self.path, 0o700)
-        try:
-            mount_tmpfs(self.path, self.size, self.uid)
-        except OSError:
-            os.rmdir(self.path)
-            raise
-
-    def remove(self) -> None:
-        try:
-            unmount(self.path)
-            os.rmdir(self.path)
-        except OSError:
-            log.exception("could not remove the evaluation's tmpfs at %s", self.path)
-
-    def write_files(self, files: Sequence[File], limit: int = 100,
-                    timeout: float = 5.0) -> dict[str, tuple[int, int]]:
-        """Write the uploads (checked with ``check_files`` first) for the jail's user;
-        return ``{path: (inode, ctime)}``.
-
-        Raises InvalidRequest naming the file when one can't be written, or when writing
-        takes over ``timeout`` seconds.
-        """
-        deadline = time.monotonic() + timeout
-        written = {}
-        for i, upload in enumerate(check_files(files, limit)):
-            if time.monotonic() > deadline:
-                raise InvalidRequest(413, f"files: writing the uploads took over {timeout:g} s",
-                                     FILE_INVALID)
-            try:
-                st = self._write(upload)
-            except OSError as e:
-                if e.errno == errno.ENOSPC:
-                    raise InvalidRequest(
-                        413, f"files[{i}]: {upload.path[:100]!r} does not fit: the files may take "
-                             f"{self.size // MiB} MiB in all", FILE_INVALID) from None
-                if e.errno in (errno.EEXIST, errno.ENOTDIR):
-                    reason = "is a folder of another file, or a file in one's place"
-                else:
-                    reason = f"cannot be written: {e.strerror}"
-                raise InvalidRequest(400, f"files[{i}].path {upload.path[:100]!r} {reason}",
-                                     FILE_INVALID) from None
-            written[upload.path] = (st.st_ino, st.st_ctime_ns)
-        return written
-
-    def _write(self, upload: File) -> os.stat_result:
-        # Folder by folder through descriptors that never follow a symlink.
-        *folders, name = upload.path.split("/")
-        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
-        dir_fd = os.open(self.path, flags)
-        try:
-            for part in folders:
-                try:
-                    os.mkdir(part, 0o755, dir_fd=dir_fd)
-                    os.chown(part, self.uid, self.uid, dir_fd=dir_fd, follow_symlinks=False)
-                except FileExistsError:
-                    pass
-                parent, dir_fd = dir_fd, os.open(part, flags, dir_fd=dir_fd)
-                os.close(parent)
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644,
-                         dir_fd=dir_fd)
-        finally:
-            os.close(dir_fd)
-        try:
-            os.fchown(fd, self.uid, self.uid)
-            view = memoryview(upload.content)
-            while view:
-                view = view[os.write(fd, view):]
-            return os.fstat(fd)
-        finally:
-            os.close(fd)
-
-    def collect_files(self, unchanged: dict[str, tuple[int, int]], limit: int,
-                      timeout: float) -> tuple[list[File], str | None]:
-        """The regular files that the run created or changed, sorted by path.
-
-        Hidden and private paths (a part starting with "." or "_") and anything but
-        regular files are skipped; symlinks are never followed. Bounded: ``limit``
-        files, the tmpfs size in bytes (sparse files and hard links count their full
-        size), ``timeout`` seconds, MAX_FILE_DEPTH folders deep and MAX_OUTPUT_FOLDERS
-        folders. The walk holds no more than that, whatever the jail made. Returns the
-        files and, when something could not be returned, why.
-        """
-        problems: list[str] = []
-        written = self._first_written(unchanged, limit, time.monotonic() + timeout, problems)
-        if written is None:
-            return [], f"listing the output files took over {timeout:g} s"
-        return self._read_files(written, problems), "; ".join(dict.fromkeys(problems)) or None
-
-    def _first_written(self, unchanged: dict[str, tuple[int, int]], limit: int,
-                       deadline: float,
-                       problems: list[str]) -> list[tuple[str, os.stat_result]] | None:
-        """The first ``limit`` paths, sorted, of the regular files the run wrote, with
-        their stat; None past ``deadline``. What is skipped goes to ``problems``."""
-        kept: list[tuple[str, os.stat_result]] = []
-        written = looked_into = 0
-        folders = [("", self.path, 0)]
-        while folders:
-            relative, folder, depth = folders.pop()
-            try:
-                with os.scandir(folder) as entries:
-                    for entry in entries:
-                        if time.monotonic() > deadline:
-                            return None
-                        path = f"{relative}/{entry.name}" if relative else entry.name
-                        if entry.name.startswith((".", "_")):
-                            continue    # hidden, or private as in python-discord/snekbox
-                        if not _is_utf8(path):
-                            problems.append("a file name is not valid UTF-8 and was skipped")
-                        elif entry.is_dir(follow_symlinks=False):
-                            if depth + 1 >= MAX_FILE_DEPTH:
-                                problems.append(f"folders deeper than {MAX_FILE_DEPTH} "
-                                                "were skipped")
-                            elif looked_into >= MAX_OUTPUT_FOLDERS:
-                                problems.append(f"only {MAX_OUTPUT_FOLDERS} folders "
-                                                "were looked into")
-                            else:
-                                looked_into += 1
-                                folders.append((path, entry.path, depth + 1))
-                        elif entry.is_file(follow_symlinks=False):
-                            st = entry.stat(follow_symlinks=False)
-                            if unchanged.get(path) != (st.st_ino, st.st_ctime_ns):
-                                written += 1
-                                _keep_first(kept, (path, st), limit)
-            except OSError as e:
-                problems.append(f"cannot list {relative or '.'}: {e.strerror}")
-        if written > limit:
-            problems.append(f"{written} files were written; only the first {limit} "
-                            "are returned")
-        return kept
-
-    def _read_files(self, written: list[tuple[str, os.stat_result]],
-                    problems: list[str]) -> list[File]:
-        """The contents of ``written``, up to the tmpfs size in all."""
-        files, budget = [], self.size
-        for path, st in written:
-            if st.st_size > budget:
-                problems.append(f"the files exceed {self.size // MiB} MiB in all; "
-                                f"{path[:100]!r} and the files after it were skipped")
-                break
-            content = self._read_regular(path, st, budget)
-            if content is not None:
-                files.append(File(path, content))
-                budget -= len(content)
-        return files
-
-    def _read_regular(self, path: str, st: os.stat_result, budget: int) -> bytes | None:
-        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
-        try:
-            fd = os.open(os.path.join(self.path, path), flags)
-        except OSError:
-            return None
-        try:
-            now = os.fstat(fd)
-            if not stat.S_ISREG(now.st_mode) or now.st_ino != st.st_ino:
-                return None
-            size = min(now.st_size, budget)
-            content = os.read(fd, size)     # one piece of memory: no copy to join them
-            while len(content) < size:
-                more = os.read(fd, size - len(content))
-                if not more:
-                    break
-                content += more
-            return content
-        finally:
-            os.close(fd)
+def _end_with_parent_thread(parent: int) -> None:
+    # Runs in the child between fork and exec: SIGTERM when the thread that started it
+    # ends, the server's death included. A parent gone already: stop here.
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 _live_memfs_folders: set[str] = set()     # this process's, in use
+
+
+def _pid_alive(pid: int) -> bool:
+    return os.path.exists(f"/proc/{pid}")
 
 
 def stale_memfs_folders(root: str) -> list[str]:
@@ -897,89 +953,369 @@ def remove_memfs_folders(folders: Sequence[str]) -> int:
     return unmounted
 
 
-class JailUsers:
-    """The host uids of jails: each live jail holds one of its own, so that the kernel's
-    per-user budgets (pipe buffers, descriptors in flight, epoll watches, ...) are never
-    shared by two evaluations. A uid comes back after its jail has ended, to the end of
-    the line: the longest unused goes out next."""
+# --------------------------------------------------------------------------------------
+# /home: the uploads going in and the files coming out
+# --------------------------------------------------------------------------------------
 
-    def __init__(self, first: int, count: int = JAIL_UID_BLOCK):
-        self.first, self.count = first, count
-        self._free = collections.deque(range(first, first + count))
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _keep_first(kept: list, item: tuple, limit: int) -> None:
+    """Add ``item`` to the sorted list ``kept`` if it is among the first ``limit``."""
+    if len(kept) < limit or item[0] < kept[-1][0]:
+        bisect.insort(kept, item, key=lambda kept_item: kept_item[0])
+        del kept[limit:]
+
+
+def upload_path(path: str, name: str) -> str:
+    """``path`` made normal, if it names a file that may be written under /home; else
+    InvalidRequest(400) saying why, the field called ``name``."""
+    if not path:
+        raise InvalidRequest(400, f"{name} must not be empty", FILE_INVALID)
+    if "\0" in path:
+        raise InvalidRequest(400, f"{name} must not contain a NUL character", FILE_INVALID)
+    if not _is_utf8(path):
+        raise InvalidRequest(400, f"{name} contains a lone surrogate (invalid Unicode)",
+                             FILE_INVALID)
+    if path.startswith("/"):
+        raise InvalidRequest(400, f"{name} {path[:100]!r} must be relative to /home", FILE_INVALID)
+    normal = posixpath.normpath(path)
+    if normal == ".." or normal.startswith("../"):
+        raise InvalidRequest(400, f"{name} {path[:100]!r} leads outside /home", FILE_INVALID)
+    if normal == "." or path.endswith("/"):
+        raise InvalidRequest(400, f"{name} {path[:100]!r} must name a file", FILE_INVALID)
+    parts = normal.split("/")
+    if len(parts) > MAX_FILE_DEPTH:
+        raise InvalidRequest(400, f"{name} {path[:100]!r} is over {MAX_FILE_DEPTH} "
+                                  "folders deep", FILE_INVALID)
+    if len(path.encode()) > MAX_PATH_BYTES or any(len(p.encode()) > MAX_NAME_BYTES for p in parts):
+        raise InvalidRequest(400, f"{name} {path[:100]!r} is too long: at most "
+                                  f"{MAX_NAME_BYTES} bytes a name, {MAX_PATH_BYTES} in all",
+                             FILE_INVALID)
+    return normal
+
+
+def check_files(files: Iterable[File], limit: int) -> list[File]:
+    """The uploads with their paths made normal; InvalidRequest naming the first one
+    that can't be written under /home, TypeError for what isn't a File of bytes."""
+    if isinstance(files, (str, bytes)):
+        raise TypeError(f"files must be a list of File, not {type(files).__name__}")
+    checked: list[File] = []
+    seen = set()
+    for i, upload in enumerate(files):
+        if not isinstance(upload, File):
+            raise TypeError(f"files[{i}] must be a File, not {type(upload).__name__}")
+        if not isinstance(upload.path, str):
+            raise TypeError(f"files[{i}].path must be a str, not {type(upload.path).__name__}")
+        if not isinstance(upload.content, (bytes, bytearray, memoryview)):
+            raise TypeError(f"files[{i}].content must be bytes, not "
+                            f"{type(upload.content).__name__}")
+        if i >= limit:
+            raise InvalidRequest(400, f"files: at most {limit} files", FILE_INVALID)
+        path = upload_path(upload.path, f"files[{i}].path")
+        if path in seen:
+            raise InvalidRequest(400, f"files[{i}].path {path[:100]!r} is given twice",
+                                 FILE_INVALID)
+        seen.add(path)
+        checked.append(File(path, upload.content))
+    return checked
+
+
+class MemFS:
+    """A tmpfs of its own for one evaluation, owned by the jail's host user ``uid``:
+    ``mount`` it, ``write_files`` into it, ``collect_files`` after the run (those it
+    wrote and the run left alone are not collected), ``remove`` it. As a context
+    manager, it is mounted for the block."""
+
+    def __init__(self, root: str, name: str, size: int, uid: int = JAIL_UID):
+        self.path = os.path.join(root, name)
+        self.size = size
+        self.uid = uid
+        self._written: dict[str, tuple[int, int]] = {}     # path: (inode, ctime)
+
+    def __enter__(self) -> MemFS:
+        self.mount()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.remove()
+
+    def mount(self) -> None:
+        os.mkdir(self.path, 0o700)
+        try:
+            mount_tmpfs(self.path, self.size, self.uid)
+        except OSError:
+            os.rmdir(self.path)
+            raise
+
+    def remove(self) -> None:
+        try:
+            unmount(self.path)
+            os.rmdir(self.path)
+        except OSError:
+            log.exception("could not remove the evaluation's tmpfs at %s", self.path)
+
+    def write_files(self, files: Sequence[File], limit: int = DEFAULT_FILES_LIMIT,
+                    timeout: float = DEFAULT_FILES_TIMEOUT) -> None:
+        """Write the uploads (checked with ``check_files`` first) for the jail's user.
+
+        Raises InvalidRequest naming the file when one can't be written, or when writing
+        takes over ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        for i, upload in enumerate(check_files(files, limit)):
+            if time.monotonic() > deadline:
+                raise InvalidRequest(413, f"files: writing the uploads took over {timeout:g} s",
+                                     FILE_INVALID)
+            try:
+                st = self._write(upload)
+            except OSError as e:
+                if e.errno == errno.ENOSPC:
+                    raise InvalidRequest(
+                        413, f"files[{i}]: {upload.path[:100]!r} does not fit: the files may take "
+                             f"{self.size // MiB} MiB in all", FILE_INVALID) from None
+                if e.errno in (errno.EEXIST, errno.ENOTDIR):
+                    reason = "is a folder of another file, or a file in one's place"
+                else:
+                    reason = f"cannot be written: {e.strerror}"
+                raise InvalidRequest(400, f"files[{i}].path {upload.path[:100]!r} {reason}",
+                                     FILE_INVALID) from None
+            self._written[upload.path] = (st.st_ino, st.st_ctime_ns)
+
+    def _write(self, upload: File) -> os.stat_result:
+        # Folder by folder through descriptors that never follow a symlink.
+        *folders, name = upload.path.split("/")
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+        dir_fd = os.open(self.path, flags)
+        try:
+            for part in folders:
+                try:
+                    os.mkdir(part, 0o755, dir_fd=dir_fd)
+                    os.chown(part, self.uid, self.uid, dir_fd=dir_fd, follow_symlinks=False)
+                except FileExistsError:
+                    pass
+                parent, dir_fd = dir_fd, os.open(part, flags, dir_fd=dir_fd)
+                os.close(parent)
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644,
+                         dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
+        try:
+            os.fchown(fd, self.uid, self.uid)
+            view = memoryview(upload.content)
+            while view:
+                view = view[os.write(fd, view):]
+            return os.fstat(fd)
+        finally:
+            os.close(fd)
+
+    def collect_files(self, limit: int = DEFAULT_FILES_LIMIT,
+                      timeout: float = DEFAULT_FILES_TIMEOUT) -> tuple[list[File], str | None]:
+        """The regular files that the run created or changed, sorted by path.
+
+        Hidden and private paths (a part starting with "." or "_") and anything but
+        regular files are skipped; symlinks are never followed. Bounded: ``limit``
+        files, the tmpfs size in bytes (sparse files and hard links count their full
+        size), ``timeout`` seconds, MAX_FILE_DEPTH folders deep and MAX_OUTPUT_FOLDERS
+        folders. The walk holds no more than that, whatever the jail made. Returns the
+        files and, when something could not be returned, why.
+        """
+        problems: list[str] = []
+        written = self._first_written(limit, time.monotonic() + timeout, problems)
+        if written is None:
+            return [], f"listing the output files took over {timeout:g} s"
+        return self._read_files(written, problems), "; ".join(dict.fromkeys(problems)) or None
+
+    def _first_written(self, limit: int, deadline: float,
+                       problems: list[str]) -> list[tuple[str, os.stat_result]] | None:
+        """The first ``limit`` paths, sorted, of the regular files the run wrote, with
+        their stat; None past ``deadline``. What is skipped goes to ``problems``."""
+        kept: list[tuple[str, os.stat_result]] = []
+        written = looked_into = 0
+        folders = [("", self.path, 0)]
+        while folders:
+            relative, folder, depth = folders.pop()
+            try:
+                with os.scandir(folder) as entries:
+                    for entry in entries:
+                        if time.monotonic() > deadline:
+                            return None
+                        path = f"{relative}/{entry.name}" if relative else entry.name
+                        if entry.name.startswith((".", "_")):
+                            continue    # hidden, or private as in python-discord/snekbox
+                        if not _is_utf8(path):
+                            problems.append("a file name is not valid UTF-8 and was skipped")
+                        elif entry.is_dir(follow_symlinks=False):
+                            if depth + 1 >= MAX_FILE_DEPTH:
+                                problems.append(f"folders deeper than {MAX_FILE_DEPTH} "
+                                                "were skipped")
+                            elif looked_into >= MAX_OUTPUT_FOLDERS:
+                                problems.append(f"only {MAX_OUTPUT_FOLDERS} folders "
+                                                "were looked into")
+                            else:
+                                looked_into += 1
+                                folders.append((path, entry.path, depth + 1))
+                        elif entry.is_file(follow_symlinks=False):
+                            st = entry.stat(follow_symlinks=False)
+                            if self._written.get(path) != (st.st_ino, st.st_ctime_ns):
+                                written += 1
+                                _keep_first(kept, (path, st), limit)
+            except OSError as e:
+                problems.append(f"cannot list {relative or '.'}: {e.strerror}")
+        if written > limit:
+            problems.append(f"{written} files were written; only the first {limit} "
+                            "are returned")
+        return kept
+
+    def _read_files(self, written: list[tuple[str, os.stat_result]],
+                    problems: list[str]) -> list[File]:
+        """The contents of ``written``, up to the tmpfs size in all."""
+        files, budget = [], self.size
+        for path, st in written:
+            if st.st_size > budget:
+                problems.append(f"the files exceed {self.size // MiB} MiB in all; "
+                                f"{path[:100]!r} and the files after it were skipped")
+                break
+            content = self._read_regular(path, st, budget)
+            if content is not None:
+                files.append(File(path, content))
+                budget -= len(content)
+        return files
+
+    def _read_regular(self, path: str, st: os.stat_result, budget: int) -> bytes | None:
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+        try:
+            fd = os.open(os.path.join(self.path, path), flags)
+        except OSError:
+            return None
+        try:
+            now = os.fstat(fd)
+            if not stat.S_ISREG(now.st_mode) or now.st_ino != st.st_ino:
+                return None
+            size = min(now.st_size, budget)
+            content = os.read(fd, size)     # one piece of memory: no copy to join them
+            while len(content) < size:
+                more = os.read(fd, size - len(content))
+                if not more:
+                    break
+                content += more
+            return content
+        finally:
+            os.close(fd)
+
+
+# --------------------------------------------------------------------------------------
+# The jail: one nsjail process, and the exchange of bytes with it while it runs
+# --------------------------------------------------------------------------------------
+class Host:
+    """What the jails of one Sandbox use on this host: the cgroups, the folder of their
+    tmpfs mounts (``memfs_root``, one per Sandbox) and the host users."""
+
+    def __init__(self, cgroups: JailCgroups, memfs_root: str, memfs_size: int,
+                 users: JailUsers):
+        self.cgroups, self.memfs_root, self.memfs_size = cgroups, memfs_root, memfs_size
+        self.users = users
+        self._numbers = itertools.count(1)
         self._lock = threading.Lock()
 
-    @classmethod
-    def random_block(cls) -> JailUsers:
-        """A block of JAIL_UID_BLOCK uids somewhere in JAIL_UIDS_FROM..JAIL_UIDS_TO, so
-        that servers started without --jail-uid-base are unlikely to share one."""
-        blocks = (JAIL_UIDS_TO - JAIL_UIDS_FROM) // JAIL_UID_BLOCK
-        return cls(JAIL_UIDS_FROM + int.from_bytes(os.urandom(4), "big") % blocks * JAIL_UID_BLOCK)
-
-    def take(self) -> int:
+    def cell(self, limits: Limits) -> Cell:
+        """A new Cell with ``limits``; SandboxUnavailable if the host can't make one."""
         with self._lock:
-            if not self._free:
-                raise SandboxUnavailable(f"all {self.count} host users for jails are in use")
-            return self._free.popleft()
+            name = f"{os.getpid()}-{next(self._numbers)}"
+        return Cell(self, name, limits)
 
-    def give_back(self, uid: int) -> None:
-        with self._lock:
-            self._free.append(uid)
-
-
-def limit_pending_signals(limit: int = SIGPENDING_LIMIT) -> None:
-    """Lower this process's RLIMIT_SIGPENDING, which nsjail and its jails inherit.
-
-    Signals queued in a jail count against root's budget on the host too (root made the
-    jail's user namespace), and nsjail sets no limit on them: without this one jail
-    could queue enough real-time signals that every root process's sigqueue fails.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_SIGPENDING)
-    if hard == resource.RLIM_INFINITY or hard > limit:
-        resource.setrlimit(resource.RLIMIT_SIGPENDING, (min(soft, limit), limit))
+    def release(self) -> None:
+        """Remove every tmpfs left under ``memfs_root``, and the folder."""
+        remove_memfs_folders([self.memfs_root])
+        _live_memfs_folders.discard(self.memfs_root)
 
 
-PR_SET_PDEATHSIG = 1
+class Cell:
+    """What one jail holds on the host, taken and given back together: a host user of
+    its own, a tmpfs owned by it (its /home) and a cgroup with the jail's limits. A
+    context manager; ``close`` it once the jail's nsjail has exited."""
+
+    def __init__(self, host: Host, name: str, limits: Limits):
+        self.host = host
+        self.uid = host.users.take()
+        self.memfs = MemFS(host.memfs_root, name, host.memfs_size, self.uid)
+        self.cgroup: JailCgroup | None = None
+        try:
+            self.memfs.mount()
+        except OSError as e:
+            host.users.give_back(self.uid)
+            raise SandboxUnavailable(f"cannot create the evaluation's tmpfs: {e}") from e
+        try:
+            self.cgroup = host.cgroups.create(f"snekbox-jail-{name}", limits)
+        except OSError as e:
+            self.close()
+            raise SandboxUnavailable(f"cannot create the jail's cgroup: {e}") from e
+
+    def __enter__(self) -> Cell:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def lower_limits(self, limits: Limits) -> bool:
+        """Lower the cgroup's limits to ``limits``; False if the jail already uses more."""
+        try:
+            self.cgroup.limit(limits, self.host.cgroups.swap)
+            return True
+        except OSError:
+            return False
+
+    def close(self) -> None:
+        if self.cgroup:
+            self.cgroup.remove()
+        self.memfs.remove()
+        self.host.users.give_back(self.uid)
 
 
-def _end_with_parent_thread(parent: int) -> None:
-    # Runs in the child between fork and exec: SIGTERM when the thread that started it
-    # ends, the server's death included. A parent gone already: stop here.
-    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() != parent:
-        os._exit(1)
+def prepare_host(config: JailConfig, memfs_root: str, memfs_size: int,
+                 jail_uid_base: int) -> Host:
+    """Cgroups, what a crashed server left, and a folder of its own for tmpfs mounts;
+    SetupError saying what to add when the privileges for them are missing."""
+    try:
+        cgroups = prepare_cgroups(config)
+        clean_up_after_crash(memfs_root, cgroups)
+        with _sandbox_lock:
+            folder = os.path.join(memfs_root, f"{os.getpid()}-{next(_sandbox_numbers)}")
+        os.makedirs(folder, mode=0o711, exist_ok=True)
+        probe = MemFS(folder, "probe", MiB)
+        probe.mount()           # the first tmpfs fails here rather than in the self-test
+        probe.remove()
+    except OSError as e:
+        if e.errno in (errno.EROFS, errno.EPERM, errno.EACCES):
+            raise SetupError(f"{e}: snekbox lacks the privileges to create cgroups and "
+                             "mounts; in a container, run it with --privileged (or the "
+                             "capabilities the README lists under Docker)") from e
+        raise
+    _live_memfs_folders.add(folder)
+    users = JailUsers(jail_uid_base) if jail_uid_base else JailUsers.random_block()
+    limit_pending_signals()
+    return Host(cgroups, folder, memfs_size, users)
 
 
-# --------------------------------------------------------------------------------------
-# The jail runner
-# --------------------------------------------------------------------------------------
+def clean_up_after_crash(memfs_root: str, cgroups: JailCgroups) -> None:
+    """Stop the jails of dead snekbox servers, remove their tmpfs mounts and the
+    empty cgroups of jails."""
+    stale = stale_memfs_folders(memfs_root)
+    jails = kill_jails_using(stale)
+    mounts = remove_memfs_folders(stale)
+    groups = cgroups.remove_stale()
+    if jails or mounts or groups:
+        log.warning("cleaned up after an earlier crash: stopped %d jails, removed %d "
+                    "tmpfs mounts and %d cgroups", jails, mounts, groups)
 
-class EvalResult:
-    """The outcome of one evaluation; ``to_json`` gives the HTTP answer's fields."""
 
-    def __init__(self, stdout: str, returncode: int | None, files: list[File] | None = None,
-                 timed_out: bool = False, truncated: bool = False, duration: float = 0.0,
-                 error: str | None = None):
-        self.stdout = stdout
-        self.returncode = returncode
-        self.files = files or []
-        self.timed_out = timed_out
-        self.truncated = truncated
-        self.duration = duration
-        self.error = error
-
-    def __repr__(self) -> str:
-        return (f"EvalResult(returncode={self.returncode!r}, stdout={self.stdout[:80]!r}, "
-                f"files={[f.path for f in self.files]!r}, timed_out={self.timed_out}, "
-                f"truncated={self.truncated}, error={self.error!r})")
-
-    def to_json(self, files: bool = True) -> dict:
-        """The HTTP answer's fields (without ``files``: the others only)."""
-        data = {"stdout": self.stdout, "returncode": self.returncode}
-        if files:
-            data["files"] = [f.to_json() for f in self.files]
-        data.update(timed_out=self.timed_out, truncated=self.truncated,
-                    duration=round(self.duration, 4), error=self.error)
-        return data
+_sandbox_numbers = itertools.count(1)
+_sandbox_lock = threading.Lock()
 
 
 # Runs `-c` code too large for one argument: the code comes on an inherited descriptor
@@ -1001,22 +1337,6 @@ except BaseException as e:
     raise SystemExit(1)
 """
 
-_NSJAIL_LINE = re.compile(rb"^\[([DIWEF])\]\[[^\]]*\](?:\[\d+\] \S+ )?\s*(.*)$")
-_EXITED = re.compile(rb"pid=\d+ \(.*\) exited with status: (\d+)")
-_SIGNALED = re.compile(rb"pid=\d+ \(.*\) terminated with signal: \S+ \((\d+)\)")
-_TIME_LIMIT = re.compile(rb"pid=\d+ run time >= time limit")
-_LEVELS = {b"D": logging.DEBUG, b"I": logging.INFO, b"W": logging.WARNING,
-           b"E": logging.ERROR, b"F": logging.ERROR}
-
-
-def find_nsjail(explicit: str | None = None) -> str | None:
-    """``explicit`` if given, else nsjail on PATH or in the usual sbin/bin places."""
-    if explicit:
-        return explicit
-    on_path = tuple(os.path.join(folder, "nsjail") for folder in os.get_exec_path())
-    return next((p for p in on_path + NSJAIL_PLACES
-                 if os.path.isfile(p) and os.access(p, os.X_OK)), None)
-
 
 def code_argument_index(args: Sequence[str]) -> int | None:
     """Index of the code after the interpreter's own ``-c``, if the args have one."""
@@ -1031,493 +1351,226 @@ def code_argument_index(args: Sequence[str]) -> int | None:
     return None
 
 
-_sandbox_numbers = itertools.count(1)
-_sandbox_lock = threading.Lock()
+class JailProcess:
+    """One nsjail process (or any command, in tests) with its pipes; single use.
 
-
-class Sandbox:
-    """Runs code in nsjail with the policy of a config file; thread-safe.
-
-    Creating one prepares the host (cgroups, the folder for per-evaluation tmpfs
-    mounts, leftovers of a crashed server); ``run`` does one evaluation. With
-    ``prewarm`` > 0 it keeps that many warm jails (see WarmPool); ``close`` ends them.
+    ``command_for`` makes the command line from the descriptor nsjail logs to. The
+    process starts inside ``cgroup`` when given, and with ``tie_to_thread`` ends when the
+    thread that started it does. ``stop`` asks nsjail to end the jail (SIGTERM lets it
+    tidy up); ``finish`` waits for it, stopping and then killing it when it takes too
+    long, and closes the pipes. As a context manager, it is finished at the end.
     """
 
-    def __init__(self, config: str = DEFAULT_CONFIG, nsjail: str | None = None, *,
-                 max_output_size: int = 1_000_000, memfs_size: int = 48 * MiB,
-                 files_limit: int = 100, files_timeout: float = 5.0,
-                 user_base: str | None = None, memfs_root: str = DEFAULT_MEMFS_ROOT,
-                 prewarm: int = 0, jail_uid_base: int = 0):
-        if os.geteuid() != 0:
-            raise SetupError("snekbox must run as root: nsjail needs it for namespaces, "
-                             "cgroups and mounts")
-        nsjail_path = find_nsjail(nsjail)
-        if not nsjail_path:
-            raise SetupError("nsjail not found on PATH or in /usr/sbin, /usr/local/sbin, "
-                             "/usr/bin, /usr/local/bin: install it (see README) or pass --nsjail")
-        if not os.path.isfile(nsjail_path) or not os.access(nsjail_path, os.X_OK):
-            raise SetupError(f"nsjail at {nsjail_path} is not an executable file")
+    def __init__(self, command_for: Callable[[int], list[str]], *, stdin: bool = True,
+                 split_stderr: bool = False, pass_fds: Sequence[int] = (),
+                 cgroup: JailCgroup | None = None, tie_to_thread: bool = False):
+        self.log_r, log_w = os.pipe()
+        enter = cgroup.enter_fds() if cgroup else []
+        parent = os.getpid()
+
+        def in_child() -> None:
+            join_cgroups(enter)
+            if tie_to_thread:
+                _end_with_parent_thread(parent)
         try:
-            self.config = JailConfig.from_file(config)
-            self.config.check_mandatory_mounts()
-        except (OSError, ValueError) as e:
-            raise SetupError(f"cannot use the jail config {config}: {e}") from e
-        if user_base and (":" in user_base or not os.path.isdir(user_base)):
-            raise SetupError(f"--user-base {user_base} is not a folder (or has a ':')")
-        self.nsjail = os.path.abspath(nsjail_path)
-        self.max_output_size = max_output_size
-        self.memfs_size = memfs_size
-        self.files_limit = files_limit
-        self.files_timeout = files_timeout
-        self.user_base = user_base
-        self._prepare_host(memfs_root)
-        self.users = JailUsers(jail_uid_base) if jail_uid_base else JailUsers.random_block()
-        limit_pending_signals()
-        self._quiet_mounts = self.config.missing_optional_mounts()
-        if self._quiet_mounts:
-            # Expected wherever the config lists several Pythons' folders (the image).
-            log.debug("optional mounts this host doesn't have: %s", " ".join(self._quiet_mounts))
-        self._numbers = itertools.count(1)
-        self._lock = threading.Lock()
-        self.pool = WarmPool(self._warm_jail_maker(), prewarm) if prewarm > 0 else None
-        self._warm_modes = warm_modes(self.config.host_path(self.config.exec_path)
-                                      or self.config.exec_path) if self.pool else ""
-        # Left without close(), garbage or at exit: no tmpfs stays behind to be taken
-        # for an earlier crash at the next start.
-        self._finalizer = weakref.finalize(self, Sandbox._release, self.pool, self.memfs_root)
+            self.popen = subprocess.Popen(
+                command_for(log_w), stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE if split_stderr else subprocess.STDOUT, env={},
+                pass_fds=(log_w, *pass_fds),
+                preexec_fn=in_child if enter or tie_to_thread else None)
+        except (OSError, subprocess.SubprocessError) as e:
+            os.close(self.log_r)
+            raise SandboxUnavailable(f"cannot start nsjail: {e}") from e
+        finally:
+            for fd in (log_w, *enter):
+                os.close(fd)
 
-    def _prepare_host(self, memfs_root: str) -> None:
-        """Cgroups, what a crashed server left, and this sandbox's folder for tmpfs
-        mounts; SetupError saying what to add when the privileges for them are missing."""
-        try:
-            self.cgroups = prepare_cgroups(self.config)
-            self._clean_up_after_crash(memfs_root)
-            with _sandbox_lock:
-                self.memfs_root = os.path.join(memfs_root,
-                                               f"{os.getpid()}-{next(_sandbox_numbers)}")
-            os.makedirs(self.memfs_root, mode=0o711, exist_ok=True)
-            probe = MemFS(self.memfs_root, "probe", MiB)
-            probe.mount()           # the first tmpfs fails here rather than in the self-test
-            probe.remove()
-        except OSError as e:
-            if e.errno in (errno.EROFS, errno.EPERM, errno.EACCES):
-                raise SetupError(f"{e}: snekbox lacks the privileges to create cgroups and "
-                                 "mounts; in a container, run it with --privileged (or the "
-                                 "capabilities the README lists under Docker)") from e
-            raise
-        _live_memfs_folders.add(self.memfs_root)
-
-    def _clean_up_after_crash(self, memfs_root: str) -> None:
-        stale = stale_memfs_folders(memfs_root)
-        jails = kill_jails_using(stale)
-        mounts = remove_memfs_folders(stale)
-        groups = remove_stale_cgroups(self.cgroups.parents)
-        if jails or mounts or groups:
-            log.warning("cleaned up after an earlier crash: stopped %d jails, removed %d "
-                        "tmpfs mounts and %d cgroups", jails, mounts, groups)
-
-    @property
-    def time_limit(self) -> int:
-        return self.config.time_limit
-
-    @property
-    def warm_jails(self) -> int:
-        """Warm jails ready for an evaluation now."""
-        return self.pool.ready if self.pool else 0
-
-    def close(self) -> None:
-        """Stop the warm jails and remove this sandbox's tmpfs mounts (after the last
-        ``run``); ``with Sandbox() as sandbox:`` does it at the end of the block."""
-        self._finalizer()
-
-    def __enter__(self) -> Sandbox:
+    def __enter__(self) -> JailProcess:
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        self.close()
+    def __exit__(self, *exc_info: object) -> None:
+        self.finish(0)
 
-    def _warm_jail_maker(self) -> Callable[[], WarmJail]:
-        # The pool's thread holds this, not the sandbox: a sandbox dropped without
-        # close() can still be collected, and its finalizer ends the pool.
-        ref = weakref.ref(self)
-
-        def start() -> WarmJail:
-            sandbox = ref()
-            if sandbox is None:
-                raise SandboxUnavailable("the sandbox was closed")
-            return WarmJail(sandbox)
-        return start
-
-    @staticmethod
-    def _release(pool: WarmPool | None, memfs_root: str) -> None:
-        if pool:
-            pool.close()
-        remove_memfs_folders([memfs_root])
-        _live_memfs_folders.discard(memfs_root)
-
-    def run(self, args: Sequence[str], *, stdin: bytes = b"", files: Sequence[File] = (),
-            executable_path: str | None = None,
-            client: socket.socket | None = None) -> EvalResult:
-        """Run the interpreter with ``args`` in a fresh jail and return what happened.
-
-        ``files`` are written to /home first; the files the run creates or changes come
-        back in ``result.files``. ``client``, if given, is a connected socket whose
-        hang-up cancels the run. Raises InvalidRequest for arguments, files or an
-        executable that can't be used, and SandboxUnavailable when nsjail or the tmpfs
-        can't be started.
-        """
-        started = time.monotonic()
-        args = self._check_types(args, stdin, executable_path)
-        while args and args[0] == "":
-            del args[0]     # as python-discord/snekbox: leading empty arguments are dropped
-        files = check_files(files, self.files_limit)
-        self._check_args(args)
-        index = code_argument_index(args)
-        if index is not None and "\0" in args[index]:
-            # What Python says of such -c code; clients of python-discord/snekbox show it.
-            return EvalResult("ValueError: embedded null byte", None,
-                              error="the code contains a NUL character",
-                              duration=time.monotonic() - started)
-        executable = self._check_executable(executable_path) if executable_path else None
-        job = None if executable or not self.pool else \
-            warm_job(args, {f.path for f in files}, self._warm_modes)
-        jail = self.pool.take() if job else None
-        result = None
-        if jail:
+    def stop(self) -> None:
+        """Ask nsjail to kill the jail and tidy up after it."""
+        if self.popen.returncode is None:
             try:
-                result = self._run_warm(jail, job, args, stdin, files, client)
-            except _WarmJailFailed:
-                log.warning("a warm jail was gone when handed its job; running cold instead")
-            finally:
-                self.pool.refill()
-        if result is None:
-            result = self._run_cold(args, stdin, files, executable, client)
-        result.duration = time.monotonic() - started
-        return result
+                self.popen.terminate()
+            except ProcessLookupError:
+                pass
 
-    def _run_cold(self, args: list[str], stdin: bytes, files: Sequence[File],
-                  executable: str | None, client: socket.socket | None) -> EvalResult:
-        uid = self.users.take()
-        try:
-            memfs = self._new_memfs(uid)
+    def kill(self) -> None:
+        """End nsjail now (it no longer answers)."""
+        self.popen.kill()
+
+    def finish(self, patience: float) -> int:
+        """Wait ``patience`` seconds for the end, then stop, then kill; close the pipes
+        and return the status (as Popen gives it)."""
+        for ask in (lambda: None, self.stop, self.kill):
+            ask()
             try:
-                unchanged = self._write_files(memfs, files)
-                result = self._run_in(memfs.path, uid, args, stdin, executable, client)
-                self._collect(memfs, unchanged, result)
-            finally:
-                memfs.remove()
-        finally:
-            self.users.give_back(uid)       # its nsjail has exited
-        return result
+                self.popen.wait(patience if ask is not self.kill else None)
+                break
+            except subprocess.TimeoutExpired:
+                patience = KILL_GRACE
+        for stream in (self.popen.stdin, self.popen.stdout, self.popen.stderr):
+            if stream and not stream.closed:
+                stream.close()
+        if self.log_r is not None:
+            os.close(self.log_r)
+            self.log_r = None
+        return self.popen.returncode
 
-    def _write_files(self, memfs: MemFS, files: Sequence[File]) -> dict[str, tuple[int, int]]:
-        return memfs.write_files(files, self.files_limit, self.files_timeout)
 
-    def _new_memfs(self, uid: int) -> MemFS:
-        with self._lock:
-            memfs = MemFS(self.memfs_root, str(next(self._numbers)), self.memfs_size, uid)
-        try:
-            memfs.mount()
-        except OSError as e:
-            raise SandboxUnavailable(f"cannot create the evaluation's tmpfs: {e}") from e
-        return memfs
+class Outcome(NamedTuple):
+    """What an Exchange saw: the output (stderr apart, or None), nsjail's log, nsjail's
+    status, why it was stopped if it was, and when the program got its work and ended
+    (where nsjail's log doesn't say: when the exchange began and ended)."""
 
-    def _collect(self, memfs: MemFS, unchanged: dict, result: EvalResult) -> None:
-        if result.returncode is not None:
-            result.files, files_error = memfs.collect_files(
-                unchanged, self.files_limit, self.files_timeout)
-            result.error = result.error or files_error
+    stdout: bytes
+    stderr: bytes | None
+    log: bytes
+    status: int
+    truncated: bool
+    cancelled: bool
+    timed_out: bool
+    killed: bool
+    started: float
+    ended: float
 
-    @staticmethod
-    def _check_types(args: Sequence[str], stdin: bytes, executable_path: str | None) -> list[str]:
-        """``args`` as a new list; TypeError for values of the wrong type (a str for
-        ``args`` would run each of its characters as an argument)."""
-        if isinstance(args, (str, bytes)) or not isinstance(args, Sequence):
-            raise TypeError(f"args must be a list of str, not {type(args).__name__}")
-        for i, arg in enumerate(args):
-            if not isinstance(arg, str):
-                raise TypeError(f"args[{i}] must be a str, not {type(arg).__name__}")
-        if not isinstance(stdin, (bytes, bytearray, memoryview)):
-            raise TypeError(f"stdin must be bytes, not {type(stdin).__name__}")
-        if isinstance(stdin, memoryview) and stdin.itemsize != 1:
-            raise TypeError("stdin must be bytes, not a memoryview of wider items")
-        if executable_path is not None and not isinstance(executable_path, str):
-            raise TypeError(f"executable_path must be a str, not {type(executable_path).__name__}")
-        return list(args)
 
-    def _check_args(self, args: list[str]) -> None:
-        """Refuse arguments that can't be passed: NUL characters (but in -c code, which
-        Python refuses itself), or too large (the code after -c may be any size: it can
-        reach Python another way)."""
-        index = code_argument_index(args)
-        if any("\0" in a for i, a in enumerate(args) if i != index):
-            raise InvalidRequest(400, "args: an argument contains a NUL character")
-        if not all(_is_utf8(a) for a in args):
-            raise InvalidRequest(400, "args: an argument contains a lone surrogate "
-                                      "(invalid Unicode)")
-        sizes = [len(a.encode("utf-8", "surrogatepass")) for i, a in enumerate(args) if i != index]
-        if len(args) > MAX_ARGS_COUNT:
-            raise InvalidRequest(413, f"args: at most {MAX_ARGS_COUNT} arguments")
-        if any(size > MAX_ARG_BYTES for size in sizes):
-            raise InvalidRequest(413, f"args: an argument is over {MAX_ARG_BYTES} bytes, "
-                                      "Linux's limit (only code after -c may be longer)")
-        if sum(sizes) > MAX_ARGS_TOTAL:
-            raise InvalidRequest(413, f"args: over {MAX_ARGS_TOTAL // MiB} MiB in all")
+_EXECUTING = b"] Executing '"
+_ENDED = (b") exited with status: ", b") terminated with signal: ")
 
-    def _check_executable(self, path: str) -> str:
-        if not path.startswith("/"):
-            raise InvalidRequest(400, f"executable_path: {path!r} must be an absolute path")
-        host = self.config.host_path(path)
-        if host is None or not os.path.exists(host):
-            raise InvalidRequest(400, f"executable_path: {path!r} does not exist in the jail")
-        st = os.stat(host)
-        if not stat.S_ISREG(st.st_mode):
-            raise InvalidRequest(400, f"executable_path: {path!r} is not a regular file")
-        if not st.st_mode & 0o001:
-            raise InvalidRequest(400, f"executable_path: {path!r} is not executable")
-        return path
 
-    def command(self, home: str, uid: int, log_fd: int, args: Sequence[str], *,
-                executable: str | None = None, pass_fds: Sequence[int] = (),
-                time_limit: int | None = None) -> list[str]:
-        """The nsjail command line of one evaluation (the benchmark spawns it bare).
+class Exchange:
+    """Moves bytes between snekbox and a running jail until its streams end.
 
-        ``home`` is the host folder that becomes /home; ``uid`` the host user (and
-        group) the jail's user is; ``log_fd`` the descriptor nsjail logs to;
-        ``pass_fds`` those it passes on to the interpreter; ``time_limit`` replaces the
-        config's.
-        """
-        command = [self.nsjail, "--config", self.config.path, *self.cgroups.nsjail_args,
-                   "--user", f"{JAIL_UID}:{uid}:1", "--group", f"{JAIL_UID}:{uid}:1",
-                   "--log_fd", str(log_fd), "--bindmount", f"{home}:{JAIL_HOME}"]
-        if time_limit is not None:
-            command += ["--time_limit", str(time_limit)]
-        if self.user_base:
-            command += ["--bindmount_ro", f"{self.user_base}:{JAIL_USER_BASE}"]
-        for fd in pass_fds:
-            command += ["--pass_fd", str(fd)]
-        if executable:
-            # nsjail runs the config's exec_bin whatever argv[0] says, unless told.
-            command += ["--exec_file", executable]
-        return command + ["--", executable or self.config.exec_path, *self.config.exec_args, *args]
+    It feeds stdin (and a warm jail its job, a descriptor, the bytes and how to close
+    it), keeps ``limits.output`` bytes of output (more stops the jail), keeps nsjail's
+    log, stops the jail at ``limits.time`` (and kills nsjail KILL_GRACE after) and when
+    ``client`` hangs up. ``run`` returns an Outcome. Each selector key's data is the
+    bound method that handles it.
+    """
 
-    def _run_in(self, home: str, uid: int, args: list[str], stdin: bytes,
-                executable: str | None, client: socket.socket | None) -> EvalResult:
-        log_r, log_w = os.pipe()
-        code_fds: tuple[int, ...] = ()
-        index = code_argument_index(args)
-        try:
-            if index is not None and len(args[index].encode("utf-8")) > MAX_ARG_BYTES:
-                code_fds = (os.memfd_create("snekbox-code", 0),)
-                os.write(code_fds[0], args[index].encode("utf-8"))
-                os.lseek(code_fds[0], 0, os.SEEK_SET)
-                args[index] = _LARGE_CODE_BOOTSTRAP.format(fd=code_fds[0])
-            command = self.command(home, uid, log_w, args, executable=executable,
-                                   pass_fds=code_fds)
-            try:
-                proc = subprocess.Popen(
-                    command, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={},
-                    pass_fds=(log_w, *code_fds))
-            except OSError as e:
-                raise SandboxUnavailable(f"cannot start nsjail ({self.nsjail}): {e.strerror}") from e
-        finally:
-            for fd in (log_w, *code_fds):
-                os.close(fd)
-        try:
-            return self._communicate(proc, log_r, stdin, client)
-        finally:
-            os.close(log_r)
-            if proc.returncode is None:
-                proc.kill()
-                proc.wait()
-
-    def _communicate(self, proc: subprocess.Popen, log_r: int, stdin: bytes,
-                     client: socket.socket | None,
-                     job: tuple[int, bytes, Callable[[], None]] | None = None,
-                     own_time_limit: bool = False) -> EvalResult:
-        """Feed stdin (and a warm jail its job), read output (up to the limit) and
-        nsjail's log until it exits.
-
-        ``job`` is a descriptor, the bytes to write to it and how to close it once
-        written (the jail starts at that end of file). With ``own_time_limit``
-        (a warm jail, whose nsjail limit runs from its start) the time limit counts from
-        now and is enforced here.
-        """
-        output = bytearray()
-        log_data = bytearray()
-        truncated = cancelled = killed = timed_out = False
-        now = time.monotonic()
-        limit_at = now + self.time_limit if own_time_limit else None
-        deadline = now + self.time_limit + KILL_GRACE
-        writers: dict[int, tuple[memoryview, Callable[[], None]]] = {}
-        if proc.stdin:
-            writers[proc.stdin.fileno()] = (memoryview(stdin), proc.stdin.close)
+    def __init__(self, jail: JailProcess, *, stdin: bytes, limits: Limits,
+                 client: socket.socket | None = None,
+                 job: tuple[int, bytes, Callable[[], None]] | None = None):
+        self.jail, self.limits, self.client = jail, limits, client
+        popen = jail.popen
+        self._outputs = {popen.stdout.fileno(): bytearray()} if popen.stdout else {}
+        self._stderr_fd = popen.stderr.fileno() if popen.stderr else None
+        if self._stderr_fd is not None:
+            self._outputs[self._stderr_fd] = bytearray()
+        self._writers: dict[int, tuple[memoryview, Callable[[], None]]] = {}
+        if popen.stdin:
+            self._writers[popen.stdin.fileno()] = (memoryview(stdin), popen.stdin.close)
+        self._job_fd = job[0] if job else None
         if job:
-            writers[job[0]] = (memoryview(job[1]), job[2])
-        with selectors.DefaultSelector() as sel:
-            sel.register(proc.stdout, selectors.EVENT_READ, "stdout")
-            sel.register(log_r, selectors.EVENT_READ, "log")
-            for fd, (data, close) in list(writers.items()):
-                if data:
-                    os.set_blocking(fd, False)
-                    sel.register(fd, selectors.EVENT_WRITE, "write")
-                else:
-                    close()
-                    del writers[fd]
-            if client is not None:
-                sel.register(client, selectors.EVENT_READ, "client")
-            while len(sel.get_map()) > (client is not None and client in sel.get_map()):
-                now = time.monotonic()
-                if limit_at is not None and now >= limit_at:
-                    timed_out, limit_at = True, None
-                    self._stop(proc)
-                timeout = min(deadline, limit_at or deadline) - now
+            self._writers[job[0]] = (memoryview(job[1]), job[2])
+        self._log = bytearray()
+        self.truncated = self.cancelled = self.timed_out = self.killed = False
+        self.started: float | None = None
+        self.ended: float | None = None
+        self._sel = selectors.DefaultSelector()
+
+    def run(self) -> Outcome:
+        """Exchange bytes until the jail's streams end; wait for nsjail to exit."""
+        now = time.monotonic()
+        limit_at: float | None = now + self.limits.time
+        kill_at = now + self.limits.time + KILL_GRACE
+        with self._sel:
+            self._register()
+            while self._jail_streams_open():
+                if limit_at is not None and time.monotonic() >= limit_at:
+                    self.timed_out, limit_at = True, None
+                    self.jail.stop()
+                timeout = min(kill_at, limit_at or kill_at) - time.monotonic()
                 if timeout <= 0:
                     log.warning("nsjail did not exit %gs after the time limit; killed", KILL_GRACE)
-                    proc.kill()
-                    killed = True
+                    self.killed = True
+                    self.jail.kill()
                     break
-                for key, _ in sel.select(timeout):
-                    if key.data == "stdout":
-                        chunk = os.read(key.fd, 65536)
-                        if not chunk:
-                            sel.unregister(key.fileobj)
-                            continue
-                        if truncated:
-                            continue    # drained, not closed: the jail must not see EPIPE
-                        output += chunk
-                        if len(output) > self.max_output_size:
-                            del output[self.max_output_size:]
-                            truncated = True
-                            self._stop(proc)
-                    elif key.data == "log":
-                        chunk = os.read(key.fd, 65536)
-                        if chunk:
-                            log_data += chunk[:MAX_NSJAIL_LOG - len(log_data)]
-                        else:
-                            sel.unregister(key.fd)
-                    elif key.data == "write":
-                        data, close = writers[key.fd]
-                        try:
-                            data = data[os.write(key.fd, data[:65536]):]
-                        except BrokenPipeError:
-                            data = data[:0]     # the reader is gone; its exit says the rest
-                        writers[key.fd] = (data, close)
-                        if not data:
-                            sel.unregister(key.fd)
-                            close()
-                            del writers[key.fd]
-                    elif key.data == "client" and _peer_gone(client):
-                        cancelled = True
-                        sel.unregister(client)
-                        self._stop(proc)
-                    elif key.data == "client":
-                        sel.unregister(client)   # a pipelined request: not ours to read
-        for _, close in writers.values():
+                for key, _ in self._sel.select(timeout):
+                    key.data(key)
+        for _, close in self._writers.values():
             close()
-        if not proc.stdout.closed:
-            proc.stdout.close()
+        status = self.jail.finish(KILL_GRACE)
+        return self._outcome(status, now)
+
+    def _register(self) -> None:
+        for fd in self._outputs:
+            self._sel.register(fd, selectors.EVENT_READ, self._on_output)
+        self._sel.register(self.jail.log_r, selectors.EVENT_READ, self._on_log)
+        for fd, (data, close) in list(self._writers.items()):
+            if data:
+                os.set_blocking(fd, False)
+                self._sel.register(fd, selectors.EVENT_WRITE, self._on_writable)
+            else:
+                self._written(fd, close)
+        if self.client is not None:
+            self._sel.register(self.client, selectors.EVENT_READ, self._on_client)
+
+    def _jail_streams_open(self) -> bool:
+        watching_client = self.client is not None and self.client in self._sel.get_map()
+        return len(self._sel.get_map()) > watching_client
+
+    def _on_output(self, key: selectors.SelectorKey) -> None:
+        chunk = os.read(key.fd, 65536)
+        if not chunk:
+            self._sel.unregister(key.fd)
+            return
+        if self.truncated:
+            return      # drained, not closed: the jail must not see EPIPE
+        room = self.limits.output - sum(map(len, self._outputs.values()))
+        self._outputs[key.fd] += chunk[:room]
+        if len(chunk) > room:
+            self.truncated = True
+            self.jail.stop()
+
+    def _on_log(self, key: selectors.SelectorKey) -> None:
+        chunk = os.read(key.fd, 65536)
+        if not chunk:
+            self._sel.unregister(key.fd)
+            return
+        self._log += chunk[:MAX_NSJAIL_LOG - len(self._log)]
+        if self.started is None and self._job_fd is None and _EXECUTING in chunk:
+            self.started = time.monotonic()
+        if self.ended is None and any(end in chunk for end in _ENDED):
+            self.ended = time.monotonic()
+
+    def _on_writable(self, key: selectors.SelectorKey) -> None:
+        data, close = self._writers[key.fd]
         try:
-            status = proc.wait(timeout=KILL_GRACE)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            status = proc.wait()
-        return self._result(output, bytes(log_data), status, truncated, cancelled,
-                            killed, timed_out)
+            data = data[os.write(key.fd, data[:65536]):]
+        except BrokenPipeError:
+            data = data[:0]     # the reader is gone; its exit says the rest
+        self._writers[key.fd] = (data, close)
+        if not data:
+            self._sel.unregister(key.fd)
+            self._written(key.fd, close)
 
-    def _run_warm(self, jail: WarmJail, job: tuple[str, list[str], str], args: list[str],
-                  stdin: bytes, files: Sequence[File],
-                  client: socket.socket | None) -> EvalResult:
-        """Hand ``job`` to a warm jail, after writing ``files`` into its /home."""
-        try:
-            unchanged = self._write_files(jail.memfs, files)
-            orig_argv = [self.config.exec_path, *self.config.exec_args, *args]
-            payload = marshal.dumps((*job, orig_argv))
-            result = self._communicate(jail.proc, jail.log_r, stdin, client,
-                                       job=(jail.job_w, payload, jail.close_job),
-                                       own_time_limit=True)
-            if result.returncode is None:
-                raise _WarmJailFailed    # its interpreter never ran the job: died waiting
-            self._collect(jail.memfs, unchanged, result)
-            return result
-        finally:
-            jail.discard()
+    def _written(self, fd: int, close: Callable[[], None]) -> None:
+        del self._writers[fd]
+        close()
+        if fd == self._job_fd:
+            self.started = time.monotonic()     # a warm jail starts at the job's end
 
-    @staticmethod
-    def _stop(proc: subprocess.Popen) -> None:
-        # SIGTERM lets nsjail kill the jail and remove its cgroups itself.
-        try:
-            proc.terminate()
-        except ProcessLookupError:
-            pass
+    def _on_client(self, key: selectors.SelectorKey) -> None:
+        self._sel.unregister(key.fileobj)
+        if _peer_gone(key.fileobj):
+            self.cancelled = True
+            self.jail.stop()
+        # else a pipelined request: not ours to read
 
-    def _result(self, output: bytearray, log_data: bytes, status: int, truncated: bool,
-                cancelled: bool, killed: bool, timed_out: bool) -> EvalResult:
-        report = read_nsjail_log(log_data, quiet=self._quiet_mounts)
-        if truncated:
-            returncode: int | None = 128 + signal.SIGTERM     # as python-discord/snekbox
-        elif report.child_status is not None:
-            returncode = report.child_status
-        elif truncated or cancelled or killed or timed_out:
-            returncode = shell_status(status)
-        else:
-            returncode = None    # nsjail never started the process
-        error = None
-        if returncode is None:
-            # nsjail reports a config it can't read on its stderr, which is the output
-            # (the protobuf parser's own words as a warning).
-            errors = report.errors or [m[2].decode("utf-8", "replace")
-                                       for m in map(_NSJAIL_LINE.match, output.splitlines())
-                                       if m and (m[1] in b"EF" or b"Error parsing" in m[2])]
-            error = "the jail could not start the process: " + (
-                "; ".join(errors) if errors else f"nsjail exited with status {status}")
-        elif cancelled:
-            error = "cancelled: the client went away"
-        return EvalResult(stdout=output.decode("utf-8", "replace"), returncode=returncode,
-                          timed_out=report.timed_out or killed or timed_out, truncated=truncated,
-                          error=error)
-
-
-def shell_status(status: int) -> int:
-    """A Popen return code the way a shell shows it: 128+N after signal N."""
-    return 128 - status if status < 0 else status
-
-
-class NsjailReport(collections.namedtuple("NsjailReport", "child_status timed_out errors")):
-    """What nsjail's log says about a run: the jailed process's shell-style status (None
-    if it never ran), whether the time limit killed it, and nsjail's error messages."""
-
-    __slots__ = ()
-
-
-def read_nsjail_log(data: bytes, quiet: Sequence[str] = ()) -> NsjailReport:
-    """Forward nsjail's log lines to the ``snekbox.nsjail`` logger and read the outcome.
-
-    Levels match nsjail's, except warnings about the optional mounts in ``quiet``
-    (sources this host lacks, reported once at start-up), which go to DEBUG.
-    """
-    child_status, timed_out, errors = None, False, []
-    chatter = not nsjail_log.isEnabledFor(logging.INFO)
-    for line in data.splitlines():
-        if chatter and line.startswith(b"[I]") and b"pid=" not in line:
-            continue    # mounts and parameters, a dozen lines a run; no one is listening
-        match = _NSJAIL_LINE.match(line)
-        level, message = (_LEVELS[match[1]], match[2]) if match else (logging.WARNING, line)
-        exited, signaled = _EXITED.search(message), _SIGNALED.search(message)
-        if exited:
-            child_status = int(exited[1])
-        elif signaled:
-            child_status = 128 + int(signaled[1])
-        elif _TIME_LIMIT.search(message):
-            timed_out = True
-        text = message.decode("utf-8", "replace")
-        if level == logging.WARNING and any(f"'{p}'" in text for p in quiet):
-            level = logging.DEBUG
-        elif level >= logging.ERROR:
-            errors.append(text)
-        nsjail_log.log(level, "%s", text)
-    return NsjailReport(child_status, timed_out, errors)
+    def _outcome(self, status: int, began: float) -> Outcome:
+        stderr = self._outputs.pop(self._stderr_fd) if self._stderr_fd is not None else None
+        stdout = next(iter(self._outputs.values()), bytearray())
+        return Outcome(bytes(stdout), None if stderr is None else bytes(stderr),
+                       bytes(self._log), status, self.truncated, self.cancelled,
+                       self.timed_out, self.killed, self.started or began,
+                       self.ended or time.monotonic())
 
 
 def _peer_gone(sock: socket.socket) -> bool:
@@ -1533,8 +1586,64 @@ def _peer_gone(sock: socket.socket) -> bool:
         return True
 
 
+_NSJAIL_LINE = re.compile(rb"^\[([DIWEF])\]\[[^\]]*\](?:\[\d+\] \S+ )?\s*(.*)$")
+_EXITED = re.compile(rb"pid=\d+ \(.*\) exited with status: (\d+)")
+_SIGNALED = re.compile(rb"pid=\d+ \(.*\) terminated with signal: \S+ \((\d+)\)")
+_TIME_LIMIT = re.compile(rb"pid=\d+ run time >= time limit")
+_LEVELS = {b"D": logging.DEBUG, b"I": logging.INFO, b"W": logging.WARNING,
+           b"E": logging.ERROR, b"F": logging.ERROR}
+
+
+def shell_status(status: int) -> int:
+    """A Popen return code the way a shell shows it: 128+N after signal N."""
+    return 128 - status if status < 0 else status
+
+
+class NsjailReport(NamedTuple):
+    """What nsjail's log says about a run: the jailed process's shell-style status (None
+    if it never ran), whether a signal ended it, whether the time limit killed it, and
+    nsjail's error messages."""
+
+    child_status: int | None
+    signaled: bool
+    timed_out: bool
+    errors: list[str]
+
+
+def read_nsjail_log(data: bytes, quiet: Sequence[str] = ()) -> NsjailReport:
+    """Forward nsjail's log lines to the ``snekbox.nsjail`` logger and read the outcome.
+
+    Levels match nsjail's, except warnings about the optional mounts in ``quiet``
+    (sources this host lacks, reported once at start-up), which go to DEBUG.
+    """
+    child_status, signaled, timed_out, errors = None, False, False, []
+    info_off = not nsjail_log.isEnabledFor(logging.INFO)
+    executed = _EXECUTING in data
+    for line in data.splitlines():
+        if info_off and line.startswith(b"[I]") and b"pid=" not in line:
+            continue    # mounts and parameters, a dozen lines a run; no one is listening
+        match = _NSJAIL_LINE.match(line)
+        level, message = (_LEVELS[match[1]], match[2]) if match else (logging.WARNING, line)
+        exited, signal_end = _EXITED.search(message), _SIGNALED.search(message)
+        if exited:
+            child_status = int(exited[1])
+        elif signal_end:
+            child_status, signaled = 128 + int(signal_end[1]), True
+        elif _TIME_LIMIT.search(message):
+            timed_out = True
+        text = message.decode("utf-8", "replace")
+        if level == logging.WARNING and any(f"'{p}'" in text for p in quiet):
+            level = logging.DEBUG
+        elif level >= logging.ERROR:
+            errors.append(text)
+        nsjail_log.log(level, "%s", text)
+    if not executed:
+        child_status = None     # nsjail's own exit status: it never started the program
+    return NsjailReport(child_status, signaled, timed_out, errors)
+
+
 # --------------------------------------------------------------------------------------
-# Warm jails
+# Warm jails: started ahead of time, and their pool
 # --------------------------------------------------------------------------------------
 
 # The interpreter of a warm jail starts on this, with the jail's job descriptor in {fd},
@@ -1627,52 +1736,24 @@ def warm_modes(python: str) -> str:
         return "c"
     return "cms" if out.stdout.strip() == "False" else "c"
 
-
 class WarmJail:
-    """An nsjail jail with its interpreter started, waiting for one job; single use.
+    """A jail with its interpreter started, waiting for one job; single use.
 
-    It has its own tmpfs as /home and nsjail's time limit is pushed past the longest
-    wait: the evaluation's own time limit is enforced from the hand-over.
+    nsjail's time limit is pushed past the longest wait: the evaluation's own limit is
+    kept from the hand-over on (by the Exchange).
     """
 
-    def __init__(self, sandbox: Sandbox):
-        self.users = sandbox.users
-        self.uid = self.users.take()
-        try:
-            self.memfs = sandbox._new_memfs(self.uid)
-        except BaseException:
-            self.users.give_back(self.uid)
-            raise
-        log_w = job_r = ready_w = None
+    def __init__(self, cell: Cell, process: JailProcess, job_w: int, ready_r: int):
+        self.cell, self.process = cell, process
+        self.job_w: int | None = job_w
+        self.ready_r: int | None = ready_r
         self.booted = False
-        try:
-            self.log_r, log_w = os.pipe()
-            job_r, self.job_w = os.pipe()
-            self.ready_r, ready_w = os.pipe()
-            bootstrap = _WARM_BOOTSTRAP.format(fd=job_r, ready=ready_w)
-            command = sandbox.command(self.memfs.path, self.uid, log_w, ["-c", bootstrap],
-                                      pass_fds=(job_r, ready_w),
-                                      time_limit=WARM_MAX_IDLE + sandbox.time_limit + 60)
-            # nsjail's own time limit is far off: should the server die while the jail
-            # runs a job, the parent-death signal ends it (a cold jail's limit is its own).
-            parent = os.getpid()
-            self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=subprocess.STDOUT, env={},
-                                         pass_fds=(log_w, job_r, ready_w),
-                                         preexec_fn=lambda: _end_with_parent_thread(parent))
-        except BaseException:
-            self.memfs.remove()
-            self.users.give_back(self.uid)
-            raise
-        finally:
-            for fd in (log_w, job_r, ready_w):
-                if fd is not None:
-                    os.close(fd)
         self.started = time.monotonic()
 
     def is_booted(self) -> bool:
         """Whether its interpreter has started and waits for the job (never blocks)."""
-        if not self.booted and self.ready_r is not None and select.select([self.ready_r], [], [], 0)[0]:
+        if not self.booted and self.ready_r is not None and \
+                select.select([self.ready_r], [], [], 0)[0]:
             self.booted = os.read(self.ready_r, 1) == b"."
             os.close(self.ready_r)
             self.ready_r = None
@@ -1685,36 +1766,25 @@ class WarmJail:
             self.job_w = None
 
     def usable(self) -> bool:
-        return self.proc.poll() is None and time.monotonic() - self.started < WARM_MAX_IDLE
+        return self.process.popen.poll() is None and \
+            time.monotonic() - self.started < WARM_MAX_IDLE
 
     def discard(self) -> None:
-        """End the jail if it still runs, close its pipes and remove its tmpfs."""
+        """End the jail if it still runs, close its pipes and give back its cell."""
         # The end of its job pipe makes a waiting interpreter exit, and nsjail tidy up
-        # after it; a signal while nsjail still sets the jail up would leave its cgroup.
+        # after it; a signal while nsjail still sets the jail up would leave it half-made.
         self.close_job()
-        try:
-            self.proc.wait(KILL_GRACE)
-        except subprocess.TimeoutExpired:
-            self.proc.terminate()
-            try:
-                self.proc.wait(KILL_GRACE)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        for stream in (self.proc.stdin, self.proc.stdout):
-            if not stream.closed:
-                stream.close()
-        for fd in (self.log_r, self.ready_r):
-            if fd is not None:
-                os.close(fd)
-        self.log_r = self.ready_r = None
-        self.memfs.remove()
-        self.users.give_back(self.uid)
+        self.process.finish(KILL_GRACE)
+        if self.ready_r is not None:
+            os.close(self.ready_r)
+            self.ready_r = None
+        self.cell.close()
 
 
 class WarmPool:
-    """Up to ``size`` warm jails made by ``start``, refilled in the background; never
-    blocks a request."""
+    """Up to ``size`` warm jails made by ``start``, refilled by a thread of its own;
+    never blocks a request. ``take`` one (None: start cold), ``refill`` after the
+    evaluation, ``close`` at the end."""
 
     def __init__(self, start: Callable[[], WarmJail], size: int):
         self.start = start
@@ -1732,15 +1802,14 @@ class WarmPool:
             return sum(jail.is_booted() for jail in self._ready)
 
     def take(self) -> WarmJail | None:
-        """The oldest warm jail (booted, or nearly), or None when the pool is empty and
-        the caller must start cold.
+        """The oldest usable warm jail, or None when there is none (start cold).
 
         Call ``refill`` once the evaluation is over: a new jail booting meanwhile would
         compete with it for the CPU and the kernel's namespace locks.
         """
         stale = []
+        jail = None
         with self._cond:
-            jail = None
             while self._ready and jail is None:
                 jail = self._ready.popleft()
                 if not jail.usable():
@@ -1757,35 +1826,6 @@ class WarmPool:
         with self._cond:
             self._cond.notify_all()
 
-    def _fill(self) -> None:
-        while True:
-            stale = []
-            with self._cond:
-                while not self._closed and len(self._ready) >= self.size:
-                    stale = [j for j in self._ready if not j.usable()]
-                    if stale:
-                        for jail in stale:
-                            self._ready.remove(jail)
-                        break
-                    self._cond.wait(WARM_MAX_IDLE / 10)
-                if self._closed:
-                    return
-            for jail in stale:
-                jail.discard()
-            if len(self._ready) >= self.size:
-                continue
-            try:
-                jail = self.start()
-            except (OSError, SandboxUnavailable) as e:
-                log.warning("cannot start a warm jail: %s", e)
-                time.sleep(1)
-                continue
-            with self._cond:
-                if self._closed:
-                    break
-                self._ready.append(jail)
-        jail.discard()
-
     def close(self) -> None:
         """Stop refilling and discard every warm jail."""
         with self._cond:
@@ -1793,34 +1833,463 @@ class WarmPool:
             ready, self._ready = list(self._ready), collections.deque()
             self._cond.notify_all()
         # Before the filling thread ends: its end signals the nsjails it started, and a
-        # signal to one still setting its jail up would leave a cgroup behind.
+        # signal to one still setting its jail up would leave it half-made.
         for jail in ready:
             jail.discard()
         if threading.current_thread() is not self._thread:     # closed by a finalizer there
             self._thread.join(10)
 
+    def _fill(self) -> None:
+        """The pool's thread: start a jail whenever one is missing, until closed."""
+        while self._wait_until_short():
+            try:
+                jail = self.start()
+            except (OSError, SandboxUnavailable) as e:
+                log.warning("cannot start a warm jail: %s", e)
+                time.sleep(1)
+                continue
+            with self._cond:
+                added = not self._closed
+                if added:
+                    self._ready.append(jail)
+            if not added:
+                jail.discard()
+
+    def _wait_until_short(self) -> bool:
+        """Wait until the pool lacks a jail, taking out those too old to use; False
+        once the pool is closed."""
+        while True:
+            with self._cond:
+                if self._closed:
+                    return False
+                stale = [jail for jail in self._ready if not jail.usable()]
+                for jail in stale:
+                    self._ready.remove(jail)
+                short = len(self._ready) < self.size
+                if not short:
+                    self._cond.wait(WARM_MAX_IDLE / 10)
+            for jail in stale:
+                jail.discard()
+            if short:
+                return True
+
 
 # --------------------------------------------------------------------------------------
-# Request parsing
+# Sandbox: one evaluation from arguments to result
 # --------------------------------------------------------------------------------------
 
-class HTTPError(InvalidRequest):
-    """An error answer: ``{"title": ..., "description": ...}`` with ``status``; the
-    title is the status's phrase unless given."""
+def load_config(path: str) -> JailConfig:
+    """The jail config at ``path``; SetupError saying what is wrong with it."""
+    try:
+        config = JailConfig.from_file(path)
+        config.check_mandatory_mounts()
+    except (OSError, ValueError) as e:
+        raise SetupError(f"cannot use the jail config {path}: {e}") from e
+    return config
 
-    def __init__(self, status: int, description: str, headers: dict | None = None,
-                 title: str | None = None):
-        super().__init__(status, description, title or HTTPStatus(status).phrase)
-        self.description = description
-        self.headers = headers or {}
+
+def check_host(nsjail: str | None, user_base: str | None) -> str:
+    """The path of nsjail; SetupError unless it, root and ``user_base`` are usable."""
+    if os.geteuid() != 0:
+        raise SetupError("snekbox must run as root: nsjail needs it for namespaces, "
+                         "cgroups and mounts")
+    path = find_nsjail(nsjail)
+    if not path:
+        raise SetupError("nsjail not found on PATH or in /usr/sbin, /usr/local/sbin, "
+                         "/usr/bin, /usr/local/bin: install it (see README) or pass --nsjail")
+    if not os.path.isfile(path) or not os.access(path, os.X_OK):
+        raise SetupError(f"nsjail at {path} is not an executable file")
+    if user_base and (":" in user_base or not os.path.isdir(user_base)):
+        raise SetupError(f"--user-base {user_base} is not a folder (or has a ':')")
+    return os.path.abspath(path)
 
 
-class EvalRequest(collections.namedtuple("EvalRequest", "args stdin files executable_path")):
-    """A validated ``POST /eval`` body: interpreter arguments, stdin bytes, Files to
-    upload and the interpreter to use (None: the config's)."""
+def check_types(args: Sequence[str], stdin: bytes, executable_path: str | None) -> list[str]:
+    """``args`` as a new list; TypeError for values of the wrong type (a str for
+    ``args`` would run each of its characters as an argument)."""
+    if isinstance(args, (str, bytes)) or not isinstance(args, Sequence):
+        raise TypeError(f"args must be a list of str, not {type(args).__name__}")
+    for i, arg in enumerate(args):
+        if not isinstance(arg, str):
+            raise TypeError(f"args[{i}] must be a str, not {type(arg).__name__}")
+    if not isinstance(stdin, (bytes, bytearray, memoryview)):
+        raise TypeError(f"stdin must be bytes, not {type(stdin).__name__}")
+    if isinstance(stdin, memoryview) and stdin.itemsize != 1:
+        raise TypeError("stdin must be bytes, not a memoryview of wider items")
+    if executable_path is not None and not isinstance(executable_path, str):
+        raise TypeError(f"executable_path must be a str, not {type(executable_path).__name__}")
+    return list(args)
 
-    __slots__ = ()
 
+def check_args(args: list[str]) -> list[str]:
+    """``args`` without leading empty ones (as python-discord/snekbox); InvalidRequest for
+    those that can't be passed: NUL characters (but in -c code, which Python refuses
+    itself), or too large (the code after -c may be any size: it reaches Python
+    another way)."""
+    while args and args[0] == "":
+        args = args[1:]
+    index = code_argument_index(args)
+    if any("\0" in a for i, a in enumerate(args) if i != index):
+        raise InvalidRequest(400, "args: an argument contains a NUL character")
+    if not all(_is_utf8(a) for a in args):
+        raise InvalidRequest(400, "args: an argument contains a lone surrogate "
+                                  "(invalid Unicode)")
+    sizes = [len(a.encode("utf-8")) for i, a in enumerate(args) if i != index]
+    if len(args) > MAX_ARGS_COUNT:
+        raise InvalidRequest(413, f"args: at most {MAX_ARGS_COUNT} arguments")
+    if any(size > MAX_ARG_BYTES for size in sizes):
+        raise InvalidRequest(413, f"args: an argument is over {MAX_ARG_BYTES} bytes, "
+                                  "Linux's limit (only code after -c may be longer)")
+    if sum(sizes) > MAX_ARGS_TOTAL:
+        raise InvalidRequest(413, f"args: over {MAX_ARGS_TOTAL // MiB} MiB in all")
+    return args
+
+
+def check_executable(config: JailConfig, path: str) -> str:
+    """``path``, if it names an executable file in the jail; else InvalidRequest."""
+    if not path.startswith("/"):
+        raise InvalidRequest(400, f"executable_path: {path!r} must be an absolute path")
+    host = config.host_path(path)
+    if host is None or not os.path.exists(host):
+        raise InvalidRequest(400, f"executable_path: {path!r} does not exist in the jail")
+    st = os.stat(host)
+    if not stat.S_ISREG(st.st_mode):
+        raise InvalidRequest(400, f"executable_path: {path!r} is not a regular file")
+    if not st.st_mode & 0o001:
+        raise InvalidRequest(400, f"executable_path: {path!r} is not executable")
+    return path
+
+
+LIMIT_NAMES = {"time": "seconds", "memory": "bytes", "processes": "processes",
+               "output": "bytes"}
+
+
+def check_limits(asked: dict[str, float] | None, caps: Limits) -> Limits:
+    """``caps`` lowered to the limits ``asked``; InvalidRequest naming a limit that is
+    unknown, not a positive number, or over its cap."""
+    for name, value in (asked or {}).items():
+        if name not in LIMIT_NAMES:
+            raise InvalidRequest(400, f"limits.{name}: no such limit; there are "
+                                      f"{', '.join(LIMIT_NAMES)}")
+        whole = name != "time"
+        if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)) \
+                or not value > 0 or value == math.inf:
+            raise InvalidRequest(400, f"limits.{name} must be a positive "
+                                      f"{'whole number' if whole else 'number'}")
+        cap = getattr(caps, name)
+        if cap and value > cap:
+            raise InvalidRequest(400, f"limits.{name}: {value:g} is over the server's "
+                                      f"limit of {cap:g} {LIMIT_NAMES[name]}")
+    return caps.lowered(asked or {})
+
+
+class Call(NamedTuple):
+    """One evaluation, checked: what ``Sandbox.run`` was asked to do."""
+
+    args: list[str]
+    stdin: bytes
+    files: list[File]
+    executable: str | None
+    client: socket.socket | None
+    limits: Limits
+    split_stderr: bool
+
+
+class Ran(NamedTuple):
+    """A finished run, before it becomes an EvalResult: the Exchange's Outcome, what
+    nsjail's log said, the files collected (and why some weren't), the CPU time, peak
+    memory and memory-limit kills of the jail's cgroup, and whether it was warm."""
+
+    outcome: Outcome
+    report: NsjailReport
+    files: list[File]
+    files_error: str | None
+    cpu: float | None
+    memory: int | None
+    oom_kills: int
+    warm: bool
+
+
+class Sandbox:
+    """Runs code in nsjail with the policy of a config file; thread-safe.
+
+    Creating one prepares the host (cgroups, the folder for per-evaluation tmpfs
+    mounts, leftovers of a crashed server); ``run`` does one evaluation. With
+    ``prewarm`` > 0 it keeps that many warm jails (see WarmPool); ``close`` ends them,
+    as does the end of a ``with`` block.
+    """
+
+    def __init__(self, config: str = DEFAULT_CONFIG, nsjail: str | None = None, *,
+                 max_output_size: int = DEFAULT_OUTPUT_SIZE,
+                 memfs_size: int = DEFAULT_MEMFS_SIZE, files_limit: int = DEFAULT_FILES_LIMIT,
+                 files_timeout: float = DEFAULT_FILES_TIMEOUT, user_base: str | None = None,
+                 memfs_root: str = DEFAULT_MEMFS_ROOT, prewarm: int = 0, jail_uid_base: int = 0):
+        self.nsjail = check_host(nsjail, user_base)
+        self.config = load_config(config)
+        self.caps = Limits(self.config.time_limit, self.config.mem_max, self.config.pids_max,
+                           max_output_size)
+        self.files_limit, self.files_timeout = files_limit, files_timeout
+        self.user_base, self.memfs_size = user_base, memfs_size
+        self.host = prepare_host(self.config, memfs_root, memfs_size, jail_uid_base)
+        self.cgroups, self.users, self.memfs_root = \
+            self.host.cgroups, self.host.users, self.host.memfs_root
+        self._quiet_mounts = self.config.missing_optional_mounts()
+        if self._quiet_mounts:
+            # Expected wherever the config lists several Pythons' folders (the image).
+            log.debug("optional mounts this host doesn't have: %s", " ".join(self._quiet_mounts))
+        self.pool = WarmPool(_warm_jail_maker(self), prewarm) if prewarm > 0 else None
+        self._warm_modes = warm_modes(self.config.host_path(self.config.exec_path)
+                                      or self.config.exec_path) if self.pool else ""
+        # Left without close(), garbage or at exit: no tmpfs stays behind to be taken
+        # for an earlier crash at the next start.
+        self._finalizer = weakref.finalize(self, _release, self.pool, self.host)
+
+    @property
+    def time_limit(self) -> int:
+        return self.config.time_limit
+
+    @property
+    def warm_jails(self) -> int:
+        """Warm jails ready for an evaluation now."""
+        return self.pool.ready if self.pool else 0
+
+    def close(self) -> None:
+        """Stop the warm jails and remove this sandbox's tmpfs mounts (after the last
+        ``run``)."""
+        self._finalizer()
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def run(self, args: Sequence[str], *, stdin: bytes = b"", files: Sequence[File] = (),
+            executable_path: str | None = None, client: socket.socket | None = None,
+            limits: dict[str, float] | None = None, split_stderr: bool = False) -> EvalResult:
+        """Run the interpreter with ``args`` in a fresh jail and return what happened.
+
+        ``files`` are written to /home first; the files the run creates or changes come
+        back in ``result.files``. ``client``, if given, is a connected socket whose
+        hang-up cancels the run. ``limits`` lowers the config's (see Limits);
+        ``split_stderr`` keeps stderr apart. Raises InvalidRequest for arguments,
+        files, limits or an executable that can't be used, and SandboxUnavailable when
+        nsjail or the tmpfs can't be started.
+        """
+        started = time.monotonic()
+        args = check_args(check_types(args, stdin, executable_path))
+        call = Call(args, bytes(stdin), check_files(files, self.files_limit),
+                    check_executable(self.config, executable_path) if executable_path else None,
+                    client, check_limits(limits, self.caps), split_stderr)
+        index = code_argument_index(args)
+        if index is not None and "\0" in args[index]:
+            # What Python says of such -c code; clients of python-discord/snekbox show it.
+            return EvalResult("ValueError: embedded null byte", None, status="failed",
+                              error="the code contains a NUL character",
+                              duration=time.monotonic() - started)
+        ran = self._run_warm(call) or self._run_cold(call)
+        return build_result(ran, started)
+
+    def command(self, home: str, uid: int, log_fd: int, args: Sequence[str], *,
+                executable: str | None = None, pass_fds: Sequence[int] = (),
+                time_limit: int | None = None) -> list[str]:
+        """The nsjail command line of one evaluation (the benchmark spawns it bare).
+
+        ``home`` is the host folder that becomes /home; ``uid`` the host user (and
+        group) the jail's user is; ``log_fd`` the descriptor nsjail logs to;
+        ``pass_fds`` those it passes on to the interpreter; ``time_limit`` replaces the
+        config's.
+        """
+        command = [self.nsjail, "--config", self.config.path, *self.cgroups.nsjail_args,
+                   "--user", f"{JAIL_UID}:{uid}:1", "--group", f"{JAIL_UID}:{uid}:1",
+                   "--log_fd", str(log_fd), "--bindmount", f"{home}:{JAIL_HOME}"]
+        if time_limit is not None:
+            command += ["--time_limit", str(time_limit)]
+        if self.user_base:
+            command += ["--bindmount_ro", f"{self.user_base}:{JAIL_USER_BASE}"]
+        for fd in pass_fds:
+            command += ["--pass_fd", str(fd)]
+        if executable:
+            # nsjail runs the config's exec_bin whatever argv[0] says, unless told.
+            command += ["--exec_file", executable]
+        return command + ["--", executable or self.config.exec_path, *self.config.exec_args, *args]
+
+    def _run_cold(self, call: Call) -> Ran:
+        with self.host.cell(call.limits) as cell:
+            cell.memfs.write_files(call.files, self.files_limit, self.files_timeout)
+            with _CodeOnDescriptor(call.args) as (args, code_fds):
+                jail = JailProcess(
+                    lambda log_fd: self.command(
+                        cell.memfs.path, cell.uid, log_fd, args, executable=call.executable,
+                        pass_fds=code_fds, time_limit=math.ceil(call.limits.time)),
+                    stdin=bool(call.stdin), split_stderr=call.split_stderr,
+                    pass_fds=code_fds, cgroup=cell.cgroup)
+            with jail:
+                outcome = Exchange(jail, stdin=call.stdin, limits=call.limits,
+                                   client=call.client).run()
+            return self._collected(cell, outcome, warm=False)
+
+    def _run_warm(self, call: Call) -> Ran | None:
+        """The run in a warm jail, or None when it must start cold."""
+        job = warm_job(call.args, {f.path for f in call.files}, self._warm_modes) \
+            if self.pool and not call.executable and not call.split_stderr else None
+        jail = self.pool.take() if self.pool and job else None
+        if jail is None:
+            return None
+        try:
+            if call.limits != self.caps and not jail.cell.lower_limits(call.limits):
+                return None
+            jail.cell.memfs.write_files(call.files, self.files_limit, self.files_timeout)
+            orig_argv = [self.config.exec_path, *self.config.exec_args, *call.args]
+            payload = marshal.dumps((*job, orig_argv))
+            outcome = Exchange(jail.process, stdin=call.stdin, limits=call.limits,
+                               client=call.client,
+                               job=(jail.job_w, payload, jail.close_job)).run()
+            ran = self._collected(jail.cell, outcome, warm=True)
+            if ran.report.child_status is None:
+                log.warning("a warm jail was gone when handed its job; running cold instead")
+                return None     # its interpreter never ran the job: it died waiting
+            return ran
+        finally:
+            jail.discard()
+            self.pool.refill()
+
+    def _collected(self, cell: Cell, outcome: Outcome, warm: bool) -> Ran:
+        """What a run in ``cell`` left: its report, files, usage and memory kills."""
+        report = read_nsjail_log(outcome.log, quiet=self._quiet_mounts)
+        files, files_error = cell.memfs.collect_files(self.files_limit, self.files_timeout) \
+            if report.child_status is not None else ([], None)
+        cpu, memory = cell.cgroup.usage()
+        return Ran(outcome, report, files, files_error, cpu, memory,
+                   cell.cgroup.oom_kills(), warm)
+
+
+def _warm_jail_maker(sandbox: Sandbox) -> Callable[[], WarmJail]:
+    """How the pool starts a warm jail for ``sandbox``: its thread holds this, not the
+    sandbox, so that a sandbox dropped without close() can be collected and its
+    finalizer end the pool."""
+    ref = weakref.ref(sandbox)
+
+    def start() -> WarmJail:
+        alive = ref()
+        if alive is None:
+            raise SandboxUnavailable("the sandbox was closed")
+        return start_warm_jail(alive)
+    return start
+
+
+def start_warm_jail(sandbox: Sandbox) -> WarmJail:
+    """A new warm jail of ``sandbox``, its interpreter booting."""
+    cell = sandbox.host.cell(sandbox.caps)
+    pipes: list[int] = []
+    try:
+        job_r, job_w = os.pipe()
+        ready_r, ready_w = os.pipe()
+        pipes = [job_r, job_w, ready_r, ready_w]
+        bootstrap = _WARM_BOOTSTRAP.format(fd=job_r, ready=ready_w)
+        # nsjail's own time limit is far off: should the server die while the jail
+        # runs a job, the parent-death signal ends it (a cold jail's limit is its own).
+        process = JailProcess(
+            lambda log_fd: sandbox.command(
+                cell.memfs.path, cell.uid, log_fd, ["-c", bootstrap],
+                pass_fds=(job_r, ready_w), time_limit=WARM_MAX_IDLE + sandbox.time_limit + 60),
+            pass_fds=(job_r, ready_w), cgroup=cell.cgroup, tie_to_thread=True)
+    except BaseException:
+        for fd in pipes:
+            os.close(fd)
+        cell.close()
+        raise
+    os.close(job_r)
+    os.close(ready_w)
+    return WarmJail(cell, process, job_w, ready_r)
+
+
+def _release(pool: WarmPool | None, host: Host) -> None:
+    if pool:
+        pool.close()
+    host.release()
+
+
+class _CodeOnDescriptor:
+    """``args`` with -c code too large for one argument moved to a memfd that the jail
+    inherits (and a bootstrap reading it in its place), closed at the end."""
+
+    def __init__(self, args: list[str]):
+        self.args, self.fds = list(args), []
+        index = code_argument_index(args)
+        if index is not None and len(args[index].encode("utf-8")) > MAX_ARG_BYTES:
+            fd = os.memfd_create("snekbox-code", 0)
+            self.fds.append(fd)
+            os.write(fd, args[index].encode("utf-8"))
+            os.lseek(fd, 0, os.SEEK_SET)
+            self.args[index] = _LARGE_CODE_BOOTSTRAP.format(fd=fd)
+
+    def __enter__(self) -> tuple[list[str], tuple[int, ...]]:
+        return self.args, tuple(self.fds)
+
+    def __exit__(self, *exc_info: object) -> None:
+        for fd in self.fds:
+            os.close(fd)
+
+
+def build_result(ran: Ran, started: float) -> EvalResult:
+    """The EvalResult of a finished run, its ``duration`` counted from ``started``."""
+    outcome, report = ran.outcome, ran.report
+    returncode = _returncode(outcome, report)
+    status = _status(ran, returncode)
+    usage = None if returncode is None else \
+        Usage(max(outcome.ended - outcome.started, 0.0), ran.cpu, ran.memory)
+    error = _start_error(outcome, report) if returncode is None else \
+        "cancelled: the client went away" if outcome.cancelled else ran.files_error
+    return EvalResult(
+        stdout=outcome.stdout.decode("utf-8", "replace"), returncode=returncode,
+        files=ran.files, timed_out=report.timed_out or outcome.timed_out or outcome.killed,
+        truncated=outcome.truncated,
+        duration=time.monotonic() - started, error=error, status=status, usage=usage,
+        stderr=None if outcome.stderr is None else outcome.stderr.decode("utf-8", "replace"),
+        warm=ran.warm)
+
+
+def _returncode(outcome: Outcome, report: NsjailReport) -> int | None:
+    if outcome.truncated:
+        return 128 + signal.SIGTERM     # as python-discord/snekbox
+    if report.child_status is not None:
+        return report.child_status
+    if outcome.cancelled or outcome.killed or outcome.timed_out:
+        return shell_status(outcome.status)
+    return None    # nsjail never started the process
+
+
+def _status(ran: Ran, returncode: int | None) -> str:
+    """One of STATUSES for the run."""
+    outcome, report = ran.outcome, ran.report
+    ended_by = {
+        "failed": returncode is None,
+        "cancelled": outcome.cancelled,
+        "timeout": report.timed_out or outcome.timed_out or outcome.killed,
+        "output": outcome.truncated,
+        "memory": report.signaled and ran.oom_kills > 0,
+        "signal": report.signaled,
+        "error": returncode != 0,
+    }
+    return next((status for status, applies in ended_by.items() if applies), "ok")
+
+
+def _start_error(outcome: Outcome, report: NsjailReport) -> str:
+    """Why the jail could not start the process."""
+    # nsjail reports a config it can't read on its stderr, which is the output (the
+    # protobuf parser's own words as a warning).
+    text = outcome.stdout + (outcome.stderr or b"")
+    errors = report.errors or [m[2].decode("utf-8", "replace")
+                               for m in map(_NSJAIL_LINE.match, text.splitlines())
+                               if m and (m[1] in b"EF" or b"Error parsing" in m[2])]
+    return "the jail could not start the process: " + (
+        "; ".join(errors) if errors else f"nsjail exited with status {outcome.status}")
+
+
+# --------------------------------------------------------------------------------------
+# HTTP: request parsing, worker slots, the server and its handler
+# --------------------------------------------------------------------------------------
 
 _SPACES = re.compile(r"[ \t\r\n]+")
 _JSON_STRING_OR_OPENING = re.compile(rb'"(?:[^"\\]+|\\.)*"|[\[{]')
@@ -1871,7 +2340,11 @@ def _json_files(raw_files: object, limit: int) -> list[File]:
     return files
 
 
-def parse_eval_request(body: bytes | bytearray, files_limit: int = 100) -> EvalRequest:
+EVAL_FIELDS = ("input", "args", "stdin", "files", "executable_path", "limits", "stderr")
+
+
+def parse_eval_request(body: bytes | bytearray,
+                       files_limit: int = DEFAULT_FILES_LIMIT) -> EvalRequest:
     """Validate a ``POST /eval`` body; raise InvalidRequest naming the bad field.
 
     The uploads are checked as ``Sandbox.run`` checks them (``check_files``), here
@@ -1906,16 +2379,14 @@ def parse_eval_request(body: bytes | bytearray, files_limit: int = 100) -> EvalR
         executable = _string(executable, "executable_path")
 
     files = check_files(_json_files(data.get("files", []), files_limit), files_limit)
-    return EvalRequest(args, stdin, files, executable)
-
-
-
-# --------------------------------------------------------------------------------------
-# Worker slots
-# --------------------------------------------------------------------------------------
-
-class Busy(Exception):
-    """No worker slot could be had; the message says which limit was hit."""
+    limits = data.get("limits", {})
+    if not isinstance(limits, dict):
+        raise InvalidRequest(400, f"limits must be an object, not {_json_type(limits)}")
+    stderr = data.get("stderr", False)
+    if not isinstance(stderr, bool):
+        raise InvalidRequest(400, f"stderr must be true or false, not {_json_type(stderr)}")
+    ignored = [name for name in data if name not in EVAL_FIELDS]
+    return EvalRequest(args, stdin, files, executable, limits, stderr, ignored)
 
 
 class WorkerSlots:
@@ -2012,11 +2483,6 @@ class BodyBudget:
     def give_back(self, size: int) -> None:
         with self._lock:
             self.used -= size
-
-
-# --------------------------------------------------------------------------------------
-# The HTTP layer
-# --------------------------------------------------------------------------------------
 
 class SnekboxServer(ThreadingHTTPServer):
     """The HTTP server: a thread per connection, at most ``max_connections`` of them."""
@@ -2142,36 +2608,97 @@ def _has_body(headers) -> bool:
 
 
 def content_length(headers) -> int | None:
-    """The request's Content-Length (None without one); HTTPError(400) unless it is
+    """The request's Content-Length (None without one); InvalidRequest (400) unless it is
     ASCII digits, the same in every copy of the header."""
     values = {value.strip(" \t") for value in headers.get_all("Content-Length") or ()}
     if not values:
         return None
     value = values.pop()
     if values or not _LENGTH.fullmatch(value):
-        raise HTTPError(400, "the Content-Length header is not a valid length")
+        raise InvalidRequest.http(400, "the Content-Length header is not a valid length")
     return int(value)
 
 
 def is_chunked(headers) -> bool:
-    """Whether the body comes in chunks; HTTPError for framing a proxy in front might read
+    """Whether the body comes in chunks; InvalidRequest for framing a proxy in front might read
     differently (RFC 9112, 6.1 and 6.3): another transfer coding, or one with a length."""
     codings = headers.get_all("Transfer-Encoding")
     if not codings:
         return False
     if "Content-Length" in headers:
-        raise HTTPError(400, "Content-Length and Transfer-Encoding together are ambiguous")
+        raise InvalidRequest.http(400, "Content-Length and Transfer-Encoding together are ambiguous")
     coding = ",".join(codings).strip(" \t").lower()
     if coding != "chunked":
-        raise HTTPError(501, f"Transfer-Encoding {coding[:50]!r} is not supported; "
+        raise InvalidRequest.http(501, f"Transfer-Encoding {coding[:50]!r} is not supported; "
                              "only chunked is")
     return True
 
 
-def answer_pieces(result: EvalResult) -> tuple[int, Iterable[bytes]]:
-    """The JSON answer of ``result`` as its length and the pieces to send, so that a
-    big answer never stands whole in memory: files are encoded as they go out."""
-    fields = result.to_json(files=False)
+# Errors after which a body not read yet can't be trusted to end where it says.
+CLOSING_ERRORS = frozenset((400, 408, 411, 413, 415, 501))
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def request_id(sent: str | None) -> str:
+    """The id of a request: the client's X-Request-Id when it is sane, else a new one."""
+    if sent and _SANE_REQUEST_ID.fullmatch(sent):
+        return sent
+    return os.urandom(8).hex()
+
+
+def _in_time(read: Callable[[int], bytes]) -> Callable[[int], bytes]:
+    """``read``, with its timeout an InvalidRequest (408)."""
+    def read_in_time(size: int) -> bytes:
+        try:
+            return read(size)
+        except (TimeoutError, socket.timeout):
+            raise InvalidRequest.http(408, "the body did not arrive in time") from None
+    return read_in_time
+
+
+def read_exactly(read: Callable[[int], bytes], length: int,
+                 hold: Callable[[int], None]) -> bytearray:
+    """``length`` bytes from ``read``; each piece is passed to ``hold`` (which may refuse
+    it) before it is read, as it arrives and not as claimed: a client must send what it
+    holds."""
+    data = bytearray()
+    while len(data) < length:
+        size = min(length - len(data), 64 * 1024)
+        hold(size)
+        piece = read(size)
+        data += piece
+        if len(piece) < size:
+            raise InvalidRequest.http(400, "the body is shorter than its Content-Length")
+    return data
+
+
+def read_chunked(read: Callable[[int], bytes], readline: Callable[[int], bytes], limit: int,
+                 hold: Callable[[int], None]) -> bytearray:
+    """A chunked body of at most ``limit`` bytes (RFC 9112, 7.1), trailers skipped."""
+    body = bytearray()
+    while True:
+        match = _CHUNK_SIZE.fullmatch(readline(1024))
+        if not match:
+            raise InvalidRequest.http(400, "a chunk of the chunked body has no valid size")
+        size = int(match[1], 16)
+        if len(body) + size > limit:
+            raise InvalidRequest.http(413, f"the body is over the limit of {limit} bytes")
+        if size == 0:
+            while (line := readline(1024)) != b"\r\n":
+                if not line.endswith(b"\r\n"):
+                    raise InvalidRequest.http(400, "a trailer of the chunked body is malformed")
+            return body
+        body += read_exactly(read, size, hold)
+        if read_exactly(read, 2, hold) != b"\r\n":
+            raise InvalidRequest.http(400, "a chunk of the chunked body is malformed")
+
+
+def answer_pieces(result: EvalResult,
+                  extra: dict[str, Any] | None = None) -> tuple[int, Iterable[bytes]]:
+    """The JSON answer of ``result`` (and the ``extra`` fields) as its length and the
+    pieces to send, so that a big answer never stands whole in memory: files are
+    encoded as they go out."""
+    fields = {**result.to_json(files=False), **(extra or {})}
     head = _json_bytes(fields)[:-1] + b',"files":['
     files = [(_json_bytes({"path": f.path, "size": len(f.content)})[:-1] + b',"content":"', f)
              for f in result.files]
@@ -2199,7 +2726,8 @@ class SnekboxHandler(BaseHTTPRequestHandler):
     wbufsize = 64 * 1024           # headers and a small body leave in one write
     server: SnekboxServer
 
-    ROUTES = {"/eval": ("POST",), "/health": ("GET", "HEAD")}
+    # The handler of each method on each path.
+    ROUTES = {"/eval": {"POST": "_eval"}, "/health": {"GET": "_health", "HEAD": "_health"}}
 
     def version_string(self) -> str:
         return self.server_version
@@ -2211,6 +2739,7 @@ class SnekboxHandler(BaseHTTPRequestHandler):
         self._reader = _DeadlineReader(self.connection)
         self.rfile = io.BufferedReader(self._reader)
         self._served = False
+        self.request_id = request_id(None)
 
     def handle_one_request(self) -> None:
         if self._served and not self._next_request_begins():
@@ -2241,7 +2770,7 @@ class SnekboxHandler(BaseHTTPRequestHandler):
         except OSError:
             return False
 
-    # One method for every verb: the path decides what's allowed.
+    # One method for every verb: the route table decides what's allowed.
     def do_GET(self) -> None:
         self._handle()
 
@@ -2250,24 +2779,28 @@ class SnekboxHandler(BaseHTTPRequestHandler):
     def _handle(self) -> None:
         started = time.monotonic()
         self._status, self._size, self._body_read, self._body_held = 0, 0, False, 0
+        self._note = ""
+        self.request_id = request_id(self.headers.get("X-Request-Id"))
         try:
             self._route()
         except InvalidRequest as e:
-            self._send_error(e if isinstance(e, HTTPError)
-                             else HTTPError(e.status, str(e), title=e.title))
+            self._note = str(e)
+            self._send_error(e.status, e.title, str(e), e.headers)
         except OSError as e:
             self._abort()
             log.info("%s: connection lost: %s", self.client_address[0], e)
         except Exception:
             log.exception("bug while answering %s %s", self.command, self.path)
-            self._send_error(HTTPError(500, "an internal error; the server's log has details"))
+            self._send_error(500, "Internal Server Error",
+                             "an internal error; the server's log has details")
         finally:
             if not self._body_read and _has_body(self.headers):
                 self.close_connection = True    # what is left can't be taken for a request
             self.server.bodies.give_back(self._body_held)
-            log.info('%s "%s %s" %d %d %.1fms', self.client_address[0], self.command,
+            log.info('%s "%s %s" %d %d %.1fms id=%s%s', self.client_address[0], self.command,
                      _printable(self.path[:200]), self._status, self._size,
-                     (time.monotonic() - started) * 1000)
+                     (time.monotonic() - started) * 1000, self.request_id,
+                     f" reason={_printable(self._note[:200])!r}" if self._note else "")
 
     def _abort(self) -> None:
         """Close with a reset, at once: a client that stopped reading leaves nothing
@@ -2290,17 +2823,15 @@ class SnekboxHandler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         methods = self.ROUTES.get(path)
         if methods is None:
-            raise HTTPError(404, f"no such endpoint: {path[:100]}; try POST /eval")
+            raise InvalidRequest.http(404, f"no such endpoint: {path[:100]}; try POST /eval")
+        allowed = {"Allow": ", ".join(methods)}
         if self.command == "OPTIONS":
-            self._send_answer(200, 0, (), {"Allow": ", ".join(methods)})
+            self._send_answer(200, 0, (), allowed)
             return
-        if self.command not in methods:
-            raise HTTPError(405, f"{path} takes {' or '.join(methods)}",
-                            headers={"Allow": ", ".join(methods)})
-        if path == "/health":
-            self._health()
-        else:
-            self._eval()
+        handler = methods.get(self.command)
+        if handler is None:
+            raise InvalidRequest.http(405, f"{path} takes {' or '.join(methods)}", allowed)
+        getattr(self, handler)()
 
     def _health(self) -> None:
         slots = self.server.slots
@@ -2316,110 +2847,88 @@ class SnekboxHandler(BaseHTTPRequestHandler):
         # JSON): refuse what a browser sends across sites. Other clients send no Origin.
         if "Origin" in self.headers or self.headers.get("Sec-Fetch-Site", "none") not in (
                 "none", "same-origin"):
-            raise HTTPError(403, "requests from web pages in a browser are refused")
+            raise InvalidRequest.http(403, "requests from web pages in a browser are refused")
         # No Content-Type is taken for JSON, as python-discord/snekbox does.
         content_type = self.headers.get("Content-Type", "application/json")
         if content_type.split(";")[0].strip().lower() != "application/json":
-            self.close_connection = True
-            raise HTTPError(415, "the body must be JSON, sent as Content-Type: application/json",
-                            title="415 Unsupported Media Type")
+            raise InvalidRequest(415, "the body must be JSON, sent as Content-Type: "
+                                      "application/json", "415 Unsupported Media Type")
         settings = self.server.settings
         request = parse_eval_request(self._read_body(settings.max_request_size),
                                      settings.files_limit)
-        retry = {"Retry-After": "1"}
-        try:
-            self.server.slots.acquire(gone=lambda: _peer_gone(self.connection))
-        except Busy as e:
-            raise HTTPError(503, str(e), headers=retry) from None
+        self._take_slot()
         # The slot is held until the answer has been sent: the answers held in memory
         # are then at most one per worker, whoever doesn't read them.
         try:
-            try:
-                result = self.server.sandbox.run(
-                    request.args, stdin=request.stdin, files=request.files,
-                    executable_path=request.executable_path, client=self.connection)
-            except SandboxUnavailable as e:
-                log.error("%s", e)
-                raise HTTPError(503, str(e), headers=retry) from None
-            del request
-            log.info("evaluation: returncode=%s duration=%.3fs%s%s%s", result.returncode,
-                     result.duration, " time-limit" if result.timed_out else "",
-                     " output-truncated" if result.truncated else "",
-                     f" error={result.error!r}" if result.error else "")
-            if result.error and result.error.startswith("cancelled"):
+            result = self._run(request)
+            if result.status == "cancelled":
                 self.close_connection = True
                 return      # nobody to answer
-            length, pieces = answer_pieces(result)
+            extra = {"warnings": [f"{name}: no such field; it was ignored"
+                                  for name in request.ignored]} if request.ignored else {}
+            del request
+            length, pieces = answer_pieces(result, extra)
             self._send_answer(200, length, pieces)
         finally:
             self.server.slots.release()
 
+    def _take_slot(self) -> None:
+        try:
+            self.server.slots.acquire(gone=lambda: _peer_gone(self.connection))
+        except Busy as e:
+            raise InvalidRequest.http(503, str(e), {"Retry-After": "1"}) from None
+
+    def _run(self, request: EvalRequest) -> EvalResult:
+        """Run ``request`` in the sandbox and log what happened."""
+        try:
+            result = self.server.sandbox.run(
+                request.args, stdin=request.stdin, files=request.files,
+                executable_path=request.executable_path, client=self.connection,
+                limits=request.limits, split_stderr=request.stderr)
+        except SandboxUnavailable as e:
+            log.error("%s", e)
+            raise InvalidRequest.http(503, str(e), {"Retry-After": "1"}) from None
+        usage = result.usage or Usage(0.0, None, None)
+        log.info("evaluation id=%s status=%s returncode=%s %s wall=%.3fs cpu=%s memory=%s "
+                 "duration=%.3fs%s", self.request_id, result.status, result.returncode,
+                 "warm" if result.warm else "cold", usage.wall,
+                 "-" if usage.cpu is None else f"{usage.cpu:.3f}s",
+                 "-" if usage.memory is None else usage.memory, result.duration,
+                 f" error={result.error!r}" if result.error else "")
+        return result
+
     def _read_body(self, limit: int) -> bytearray:
-        if is_chunked(self.headers):
-            return self._read_chunked(limit)
-        length = content_length(self.headers)
-        if length is None:
-            raise HTTPError(411, "a Content-Length header is required")
-        if length > limit:
-            raise HTTPError(413, f"the body is {length} bytes; the limit is {limit} bytes")
+        """The request's body, at most ``limit`` bytes, counted against the server's
+        budget as it arrives; InvalidRequest (408, 411, 413, ...) if it can't be had."""
+        chunked = is_chunked(self.headers)
+        length = None if chunked else content_length(self.headers)
+        if not chunked and length is None:
+            raise InvalidRequest.http(411, "a Content-Length header is required")
+        if length is not None and length > limit:
+            raise InvalidRequest.http(413, f"the body is {length} bytes; the limit is "
+                                           f"{limit} bytes")
         self._reader.pace(self.timeout)
-        body = self._read_exactly(length)
+        read, readline = _in_time(self.rfile.read), _in_time(self.rfile.readline)
+        body = read_chunked(read, readline, limit, self._hold_body) if chunked \
+            else read_exactly(read, length or 0, self._hold_body)
         self._body_read = True
         return body
 
     def _hold_body(self, size: int) -> None:
         """Count ``size`` more bytes of body against the server's budget, or refuse."""
         if not self.server.bodies.take(size):
-            raise HTTPError(503, "the server holds as many request bodies as it may; try "
-                                 "again", headers={"Retry-After": "1"})
+            raise InvalidRequest.http(503, "the server holds as many request bodies as it "
+                                           "may; try again", {"Retry-After": "1"})
         self._body_held += size
 
-    def _read_exactly(self, length: int) -> bytearray:
-        """``length`` bytes of body, each counted against the budget as it arrives (not
-        as claimed: a client must send what it holds)."""
-        data = bytearray()
-        while len(data) < length:
-            size = min(length - len(data), 64 * 1024)
-            self._hold_body(size)
-            piece = self._read_body_part(self.rfile.read, size)
-            data += piece
-            if len(piece) < size:
-                raise HTTPError(400, "the body is shorter than its Content-Length")
-        return data
-
-    def _read_chunked(self, limit: int) -> bytearray:
-        self._reader.pace(self.timeout)
-        body = bytearray()
-        while True:
-            match = _CHUNK_SIZE.fullmatch(self._read_body_part(self.rfile.readline, 1024))
-            if not match:
-                raise HTTPError(400, "a chunk of the chunked body has no valid size")
-            size = int(match[1], 16)
-            if len(body) + size > limit:
-                raise HTTPError(413, f"the body is over the limit of {limit} bytes")
-            if size == 0:
-                while (line := self._read_body_part(self.rfile.readline, 1024)) != b"\r\n":
-                    if not line.endswith(b"\r\n"):
-                        raise HTTPError(400, "a trailer of the chunked body is malformed")
-                self._body_read = True
-                return body
-            body += self._read_exactly(size)
-            if self._read_exactly(2) != b"\r\n":
-                raise HTTPError(400, "a chunk of the chunked body is malformed")
-
-    def _read_body_part(self, read: Callable[[int], bytes], size: int) -> bytes:
-        try:
-            return read(size)
-        except (TimeoutError, socket.timeout):
-            raise HTTPError(408, "the body did not arrive in time") from None
-
-    def send_json(self, status: int, data: dict, headers: dict | None = None) -> None:
+    def send_json(self, status: int, data: dict[str, Any],
+                  headers: dict[str, str] | None = None) -> None:
         """Send ``data`` as the whole answer, in one write where it fits."""
         body = _json_bytes(data)
         self._send_answer(status, len(body), (body,), headers)
 
     def _send_answer(self, status: int, length: int, pieces: Iterable[bytes],
-                     headers: dict | None = None) -> None:
+                     headers: dict[str, str] | None = None) -> None:
         """Send a JSON answer of ``length`` bytes, made of ``pieces``.
 
         A client must take each piece within client_timeout and the whole at
@@ -2431,6 +2940,7 @@ class SnekboxHandler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(length))
+        self.send_header("X-Request-Id", self.request_id)
         for name, value in (headers or {}).items():
             self.send_header(name, value)
         if self.close_connection or self.server.stopping:
@@ -2440,24 +2950,30 @@ class SnekboxHandler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             for piece in pieces:
-                self.connection.settimeout(max(min(self.timeout, deadline - time.monotonic()), 0.001))
+                self.connection.settimeout(max(min(self.timeout, deadline - time.monotonic()),
+                                               0.001))
                 self.wfile.write(piece)
         self.wfile.flush()
         self._status, self._size = status, length
 
-    def _send_error(self, error: HTTPError) -> None:
+    def _send_error(self, status: int, title: str, description: str,
+                    headers: dict[str, str] | None = None) -> None:
+        """Answer an error, closing the connection after it where it must be."""
         if self._response_started:
             self.close_connection = True    # too late for another status line
             return
-        if not self._body_read and _has_body(self.headers):
-            self.close_connection = True    # what is left of the body can't be a request
-        if error.status in (400, 408, 411, 413, 415, 501) and not self._body_read:
+        if self._must_close_after(status):
             self.close_connection = True
         try:
-            self.send_json(error.status, {"title": error.title, "description": error.description},
-                           error.headers)
+            self.send_json(status, {"title": title, "description": description}, headers)
         except OSError:
             self.close_connection = True    # the client is gone; nothing to tell it
+
+    def _must_close_after(self, status: int) -> bool:
+        """Whether the connection can't carry another request after an error: the rest
+        of this one's body, unread, would be taken for one (or its framing is in
+        doubt)."""
+        return not self._body_read and (_has_body(self.headers) or status in CLOSING_ERRORS)
 
     def handle_expect_100(self) -> bool:
         """Refuse a body that is unusable or too large before the client sends it; else
@@ -2467,15 +2983,17 @@ class SnekboxHandler(BaseHTTPRequestHandler):
             if not is_chunked(self.headers):
                 length = content_length(self.headers)
                 if length is not None and length > limit:
-                    raise HTTPError(413, f"the body is {length} bytes; the limit is {limit} bytes")
-        except HTTPError as e:
-            self.send_error(e.status, e.description)
+                    raise InvalidRequest.http(413, f"the body is {length} bytes; the limit "
+                                                   f"is {limit} bytes")
+        except InvalidRequest as e:
+            self.send_error(e.status, str(e))
             return False
         super().handle_expect_100()
         self.wfile.flush()      # wfile is buffered: the client waits for this line
         return True
 
     def parse_request(self) -> bool:
+        self.request_id = request_id(None)
         try:
             ok = super().parse_request()
         finally:
@@ -2485,27 +3003,73 @@ class SnekboxHandler(BaseHTTPRequestHandler):
             return False
         return ok
 
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+    def send_error(self, code: int, message: str | None = None,
+                   explain: str | None = None) -> None:
         """http.server's own errors (malformed request, header too long) as JSON."""
         if self.request_version == "HTTP/0.9":
             self.request_version = "HTTP/1.0"   # a status line and headers all the same
         self.close_connection = True
         self._status, self._size, self._body_read = code, 0, True
         description = f"{message}: {explain}" if message and explain else message or explain
-        self._send_error(HTTPError(code, description or HTTPStatus(code).description))
-        log.info('%s "%s" %d', self.client_address[0],
-                 _printable(getattr(self, "requestline", "")[:200]), code)
+        self._send_error(code, HTTPStatus(code).phrase,
+                         description or HTTPStatus(code).description)
+        log.info('%s "%s" %d id=%s reason=%r', self.client_address[0],
+                 _printable(getattr(self, "requestline", "")[:200]), code, self.request_id,
+                 _printable((description or "")[:200]))
 
-    def log_request(self, code="-", size="-") -> None:
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         pass    # _handle logs each request once it's answered
 
-    def log_message(self, format: str, *args) -> None:
+    def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.client_address[0], _printable(format % args))
 
 
+
 # --------------------------------------------------------------------------------------
-# Command line
+# Command line: Settings, the flags that fill them, and main
 # --------------------------------------------------------------------------------------
+
+class Settings:
+    """Everything the server is started with; see ``build_arg_parser`` for each.
+
+    The class attributes are the defaults; ``Settings(workers=4)`` overrides one.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8060
+    workers: int = len(os.sched_getaffinity(0))
+    max_queue: int = 0            # 0: 8 per worker
+    max_wait: float = 0.0         # 0: as long as the client stays
+    config: str = DEFAULT_CONFIG
+    nsjail: str | None = None
+    max_output_size: int = DEFAULT_OUTPUT_SIZE
+    max_request_size: int = 16 * MiB
+    memfs_size: int = DEFAULT_MEMFS_SIZE
+    files_limit: int = DEFAULT_FILES_LIMIT
+    files_timeout: float = DEFAULT_FILES_TIMEOUT
+    user_base: str | None = None
+    client_timeout: float = 10.0
+    keepalive_timeout: float = 75.0     # longer than common clients' pools keep them
+    max_connections: int = 256
+    prewarm: int = 2
+    max_body_memory: int = 0      # 0: 4 times max_request_size
+    jail_uid_base: int = 0        # 0: a random block
+    log_level: str = "INFO"
+
+    def __init__(self, **values: Any):
+        for name, value in values.items():
+            if name not in Settings.__annotations__:
+                raise TypeError(f"no setting named {name!r}")
+            setattr(self, name, value)
+
+    @property
+    def queue_limit(self) -> int:
+        return self.max_queue or 8 * self.workers
+
+    @property
+    def body_budget(self) -> int:
+        return self.max_body_memory or 4 * self.max_request_size
+
 
 # The command line: (flag, help, lowest, highest) for each; the Settings attribute of
 # the same name holds the default and its type.
@@ -2704,3 +3268,4 @@ def stop_server(server: SnekboxServer, sandbox: Sandbox) -> None:
 
 if __name__ == "__main__":
     sys.exit(main())
+

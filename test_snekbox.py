@@ -284,46 +284,57 @@ class FakeCgroupTests(unittest.TestCase):
         return cfg._replace(mem_mount=f"{self.root}/memory", pids_mount=f"{self.root}/pids",
                             cpu_mount=f"{self.root}/cpu", cgroupv2_mount=self.root, **overrides)
 
-    def test_v1_creates_parents_and_keeps_the_swap_limit(self):
-        os.makedirs(f"{self.root}/pids")
-        os.makedirs(f"{self.root}/cpu")
+    def test_v1_creates_parents_and_limits_each_jail(self):
+        for name in ("pids", "cpu", "cpuacct"):
+            os.makedirs(f"{self.root}/{name}")
         self.write(f"{self.root}/memory/memory.memsw.limit_in_bytes", "0")
-        setup = snekbox.prepare_cgroups(self.config(), self.root, self.swaps)
-        self.assertEqual(setup.version, 1)
-        self.assertTrue(os.path.isdir(f"{self.root}/memory/NSJAIL"))
-        self.assertTrue(os.path.isdir(f"{self.root}/pids/NSJAIL"))
-        self.assertTrue(os.path.isdir(f"{self.root}/cpu/NSJAIL"))
-        self.assertTrue(setup.swap_limited)
-        self.assertEqual(setup.nsjail_args, ())
+        cgroups = snekbox.prepare_cgroups(self.config(), self.root, self.swaps)
+        self.assertEqual(cgroups.version, 1)
+        self.assertEqual(sorted(cgroups.parents), ["cpu", "cpuacct", "memory", "pids"])
+        for name in ("memory", "pids", "cpu", "cpuacct"):
+            self.assertTrue(os.path.isdir(f"{self.root}/{name}/NSJAIL"))
+        self.assertTrue(cgroups.swap_limited)
+        self.assertEqual(cgroups.swap, 0)
+        limits = snekbox.Limits(time=6, memory=50 * MiB, processes=5, output=100)
+        group = cgroups.create("snekbox-jail-1", limits)
+        jail = f"{self.root}/memory/NSJAIL/snekbox-jail-1"
+        memory = str(50 * MiB + snekbox.NSJAIL_MEMORY)
+        self.assertEqual(self.read(f"{jail}/memory.limit_in_bytes"), memory)
+        self.assertEqual(self.read(f"{jail}/memory.memsw.limit_in_bytes"), memory)
+        self.assertEqual(self.read(f"{self.root}/pids/NSJAIL/snekbox-jail-1/pids.max"), "6")
+        self.assertEqual(self.read(f"{self.root}/cpu/NSJAIL/snekbox-jail-1/cpu.cfs_quota_us"),
+                         "1000000")
+        self.assertEqual(len(group.folders), 4)
 
-    def test_v1_without_swap_controller_drops_the_swap_limit_and_warns(self):
-        os.makedirs(f"{self.root}/memory")
-        os.makedirs(f"{self.root}/pids")
-        os.makedirs(f"{self.root}/cpu")
+    def test_v1_without_swap_controller_leaves_swap_alone_and_warns(self):
+        for name in ("memory", "pids", "cpu"):
+            os.makedirs(f"{self.root}/{name}")
         self.write(self.swaps, "Filename\n/swapfile file 100 0 -2\n")
         with self.assertLogs("snekbox", "WARNING") as logs:
-            setup = snekbox.prepare_cgroups(self.config(), self.root, self.swaps)
-        self.assertFalse(setup.swap_limited)
-        self.assertEqual(setup.nsjail_args,
-                         ("--cgroup_mem_memsw_max", "0", "--cgroup_mem_swap_max", "-1"))
+            cgroups = snekbox.prepare_cgroups(self.config(), self.root, self.swaps)
+        self.assertFalse(cgroups.swap_limited)
+        cgroups.create("snekbox-jail-1", snekbox.Limits(6, MiB, 5, 100))
+        self.assertFalse(os.path.exists(
+            f"{self.root}/memory/NSJAIL/snekbox-jail-1/memory.memsw.limit_in_bytes"))
         self.assertTrue(any("swap is on" in line for line in logs.output))
+        self.assertTrue(any("no swap controller" in line for line in logs.output))
 
     def test_a_missing_cpu_controller_drops_the_cpu_limit_with_a_warning(self):
         os.makedirs(f"{self.root}/memory")
         os.makedirs(f"{self.root}/pids")
         with self.assertLogs("snekbox", "WARNING") as logs:
-            setup = snekbox.prepare_cgroups(self.config(), self.root, self.swaps)
-        self.assertIn("--cgroup_cpu_ms_per_sec", setup.nsjail_args)
+            cgroups = snekbox.prepare_cgroups(self.config(), self.root, self.swaps)
+        self.assertEqual(cgroups.cpu_ms_per_sec, 0)
         self.assertFalse(os.path.exists(f"{self.root}/cpu"))
         self.assertTrue(any("no cpu cgroup controller" in line for line in logs.output))
         v2 = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, v2)
         self.write(f"{v2}/cgroup.controllers", "memory pids\n")
         self.write(f"{v2}/cgroup.subtree_control", "memory pids\n")
+        self.write(f"{v2}/snekbox-jails/cgroup.subtree_control", "memory pids\n")
         with self.assertLogs("snekbox", "WARNING"):
-            setup = snekbox.prepare_cgroups(self.config()._replace(cgroupv2_mount=v2), v2,
-                                            self.swaps)
-        self.assertEqual(setup.nsjail_args[:3], ("--cgroup_cpu_ms_per_sec", "0", "--use_cgroupv2"))
+            cgroups = snekbox.prepare_cgroups(self.config(), v2, self.swaps, own="/")
+        self.assertEqual(cgroups.cpu_ms_per_sec, 0)
 
     def test_v1_missing_controller_is_an_error(self):
         os.makedirs(f"{self.root}/pids")
@@ -331,11 +342,15 @@ class FakeCgroupTests(unittest.TestCase):
         with self.assertRaisesRegex(snekbox.SetupError, "memory controller is not mounted"):
             snekbox.prepare_cgroups(self.config(), self.root, self.swaps)
 
-    def test_v2_enables_controllers_after_moving_processes(self):
+    def test_v2_jails_go_below_the_own_group_after_moving_its_processes(self):
+        own = f"{self.root}/system.slice/snekbox.service"
         self.write(f"{self.root}/cgroup.controllers", "cpu memory pids io\n")
-        self.write(f"{self.root}/cgroup.procs", "1\n42\n")
-        control = f"{self.root}/cgroup.subtree_control"
+        self.write(f"{own}/cgroup.controllers", "cpu memory pids io\n")
+        self.write(f"{own}/cgroup.procs", "1\n42\n")
+        control = f"{own}/cgroup.subtree_control"
         self.write(control, "")
+        self.write(f"{own}/snekbox-jails/cgroup.subtree_control", "")
+        self.write(f"{own}/snekbox-jails/memory.swap.max", "max")
         busy = {"left": 1}
         real_open = open
 
@@ -346,47 +361,93 @@ class FakeCgroupTests(unittest.TestCase):
                 raise OSError(16, "Device or resource busy")
             return real_open(path, mode, *args, **kwargs)
 
-        self.write(f"{self.root}/system.slice/memory.swap.max", "max")
         with unittest.mock.patch("builtins.open", fake_open):
-            setup = snekbox.prepare_cgroups(self.config(), self.root, self.swaps)
-        self.assertEqual(setup.version, 2)
-        self.assertEqual(setup.nsjail_args, ("--use_cgroupv2",))
-        self.assertTrue(setup.swap_limited)
+            cgroups = snekbox.prepare_cgroups(self.config(), self.root, self.swaps,
+                                              own="/system.slice/snekbox.service")
+        self.assertEqual(cgroups.version, 2)
+        self.assertEqual(cgroups.parents, {"unified": f"{own}/snekbox-jails"})
+        self.assertTrue(cgroups.swap_limited)
         self.assertEqual(self.read(control), "+memory +pids +cpu")
-        self.assertEqual(self.read(f"{self.root}/snekbox-init/cgroup.procs"), "42")
+        self.assertEqual(self.read(f"{own}/snekbox-jails/cgroup.subtree_control"),
+                         "+memory +pids +cpu")
+        self.assertEqual(self.read(f"{own}/snekbox-init/cgroup.procs"), "42")
+        # A server started from the group the first one moved into shares its parent.
+        again = snekbox.prepare_cgroups(self.config(), self.root, self.swaps,
+                                        own="/system.slice/snekbox.service/snekbox-init")
+        self.assertEqual(again.parents, cgroups.parents)
+        group = cgroups.create("snekbox-jail-1", snekbox.Limits(6, MiB, 5, 100))
+        folder = f"{own}/snekbox-jails/snekbox-jail-1"
+        self.assertEqual(group.folders, {"unified": folder})
+        self.assertEqual(self.read(f"{folder}/memory.max"), str(MiB + snekbox.NSJAIL_MEMORY))
+        self.assertEqual(self.read(f"{folder}/memory.swap.max"), "0")
+        self.assertEqual(self.read(f"{folder}/pids.max"), "6")
+        self.assertEqual(self.read(f"{folder}/cpu.max"), "1000000 1000000")
 
-    def test_v2_already_enabled_is_left_alone(self):
+    def test_v2_without_swap_accounting_warns(self):
         self.write(f"{self.root}/cgroup.controllers", "memory pids cpu\n")
         self.write(f"{self.root}/cgroup.subtree_control", "memory pids cpu\n")
-        os.makedirs(f"{self.root}/other")     # no memory.swap.max: no swap accounting
-        with self.assertLogs("snekbox", "WARNING"):
-            setup = snekbox.prepare_cgroups(self.config(), self.root, self.swaps)
+        self.write(f"{self.root}/snekbox-jails/cgroup.subtree_control", "memory pids cpu\n")
+        with self.assertLogs("snekbox", "WARNING") as logs:
+            cgroups = snekbox.prepare_cgroups(self.config(), self.root, self.swaps, own="/")
         self.assertFalse(os.path.exists(f"{self.root}/snekbox-init"))
-        self.assertEqual(setup.nsjail_args, ("--use_cgroupv2", "--cgroup_mem_memsw_max", "0",
-                                             "--cgroup_mem_swap_max", "-1"))
+        self.assertFalse(cgroups.swap_limited)
+        self.assertTrue(any("no swap controller" in line for line in logs.output))
 
     def test_v2_missing_controller_is_an_error(self):
         self.write(f"{self.root}/cgroup.controllers", "cpu io\n")
         with self.assertRaisesRegex(snekbox.SetupError, "memory pids"):
-            snekbox.prepare_cgroups(self.config(), self.root, self.swaps)
+            snekbox.prepare_cgroups(self.config(), self.root, self.swaps, own="/")
 
-    def test_stale_groups_of_dead_nsjails_are_removed(self):
-        dead = f"{self.root}/NSJAIL/NSJAIL.{2 ** 22 + 7}"    # above pid_max
-        alive = f"{self.root}/NSJAIL/NSJAIL.{os.getpid()}"
-        os.makedirs(dead)
-        os.makedirs(alive)
-        self.assertEqual(snekbox.remove_stale_cgroups([f"{self.root}/NSJAIL"]), 1)
-        self.assertFalse(os.path.exists(dead))
-        self.assertTrue(os.path.exists(alive))
+
+class RealCgroupTests(unittest.TestCase):
+    """The jails' cgroups on this host's own hierarchy, v1 or v2."""
+
+    def test_only_empty_groups_are_stale(self):
+        cgroups = snekbox.prepare_cgroups(snekbox.JailConfig.from_file(CONFIG))
+        limits = snekbox.Limits(6, 50 * MiB, 5, 100)
+        empty = cgroups.create(f"snekbox-jail-test-empty-{os.getpid()}", limits)
+        busy = cgroups.create(f"snekbox-jail-test-busy-{os.getpid()}", limits)
+        fds = busy.enter_fds()
+        sleeper = subprocess.Popen(["sleep", "30"], preexec_fn=lambda: snekbox.join_cgroups(fds))
+        for fd in fds:
+            os.close(fd)
+        try:
+            cgroups.remove_stale()
+            self.assertFalse(any(os.path.exists(f) for f in empty.folders.values()))
+            self.assertTrue(all(os.path.exists(f) for f in busy.folders.values()))
+        finally:
+            sleeper.kill()
+            sleeper.wait()
+            busy.remove()
+        self.assertFalse(any(os.path.exists(f) for f in busy.folders.values()))
+
+    def test_a_group_reports_what_it_used(self):
+        cgroups = snekbox.prepare_cgroups(snekbox.JailConfig.from_file(CONFIG))
+        group = cgroups.create(f"snekbox-jail-test-usage-{os.getpid()}",
+                               snekbox.Limits(6, 50 * MiB, 5, 100))
+        self.addCleanup(group.remove)
+        fds = group.enter_fds()
+        code = "x = bytearray(20 * 1024 * 1024)\nwhile __import__('time').process_time() < 0.3: pass"
+        subprocess.run([sys.executable, "-c", code], check=True,
+                       preexec_fn=lambda: snekbox.join_cgroups(fds))
+        for fd in fds:
+            os.close(fd)
+        cpu, memory = group.usage()
+        self.assertGreaterEqual(cpu, 0.3)
+        self.assertGreaterEqual(memory, 20 * MiB)
+        self.assertEqual(group.oom_kills(), 0)
 
 
 class NsjailLogTests(unittest.TestCase):
     def test_return_codes_like_a_shell(self):
+        started = b"[I][2026-01-01T00:00:00+0000] Executing '/usr/bin/python3' for '[STANDALONE MODE]'\n"
         cases = {
-            b"[I][2026-01-01T00:00:00+0000] pid=7 ([STANDALONE MODE]) exited with status: 3, "
+            started + b"[I][2026-01-01T00:00:00+0000] pid=7 ([STANDALONE MODE]) exited with status: 3, "
             b"(PIDs left: 0)": 3,
-            b"[I][2026-01-01T00:00:00+0000] pid=7 ([STANDALONE MODE]) terminated with signal: "
-            b"SIGSEGV (11), (PIDs left: 0)": 139,
+            started + b"[I][2026-01-01T00:00:00+0000] pid=7 ([STANDALONE MODE]) terminated with "
+            b"signal: SIGSEGV (11), (PIDs left: 0)": 139,
+            b"[I][2026-01-01T00:00:00+0000] pid=7 ([STANDALONE MODE]) exited with status: 255, "
+            b"(PIDs left: 0)": None,
         }
         for line, code in cases.items():
             with self.subTest(code=code):
@@ -395,7 +456,8 @@ class NsjailLogTests(unittest.TestCase):
         self.assertEqual(snekbox.shell_status(2), 2)
 
     def test_time_limit_and_errors(self):
-        data = (b"[I][t] pid=7 run time >= time limit (6 >= 6) ([STANDALONE MODE]). Killing it\n"
+        data = (b"[I][t] Executing '/usr/bin/python3' for '[STANDALONE MODE]'\n"
+                b"[I][t] pid=7 run time >= time limit (6 >= 6) ([STANDALONE MODE]). Killing it\n"
                 b"[I][t] pid=7 ([STANDALONE MODE]) terminated with signal: SIGKILL (9), (PIDs left: 0)\n"
                 b"[E][t][1] initParent():452 Couldn't initialize cgroup\n")
         with self.assertLogs("snekbox.nsjail", "DEBUG") as logs:
@@ -742,7 +804,7 @@ print(n, flush=True)
         self.run_code("print('secret-code-marker')")
         time.sleep(0.1)
         self.assertFalse(any("secret-code-marker" in line for line in self.server.log))
-        self.assertTrue(any("evaluation: returncode=0" in line for line in self.server.log))
+        self.assertTrue(any("evaluation id=" in line and "status=ok returncode=0" in line for line in self.server.log))
 
 
 # --------------------------------------------------------------------------------------
@@ -1625,7 +1687,7 @@ class CollectFilesMemoryTests(unittest.TestCase):
         memfs = snekbox.MemFS(folder, "home", 48 * MiB)
         tracemalloc.start()
         try:
-            files, error = memfs.collect_files({}, 100, 30.0)
+            files, error = memfs.collect_files(100, 30.0)
             peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
@@ -2114,30 +2176,35 @@ class ProcessTests(unittest.TestCase):
             self.assertEqual(server.stop(), 0)
 
     def test_jail_that_cannot_start_is_a_clear_error(self):
-        # A config of its own, so the pids cgroup parent can be taken away from it alone.
-        with open(CONFIG) as f:
-            text = f.read().replace('cgroup_pids_parent: "NSJAIL"', 'cgroup_pids_parent: "NSJAIL-test"')
+        # A config of its own with a mandatory mount whose source is taken away after
+        # start-up: nsjail then fails to build the jail, on any cgroup hierarchy.
         folder = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, folder)
+        os.chmod(folder, 0o755)     # the jail's user must reach the mount's source
+        source = os.path.join(folder, "mounted")
+        os.mkdir(source, 0o755)
+        with open(CONFIG) as f:
+            text = f.read() + ('\nmount {\n  src: "%s"\n  dst: "/snekbox-test"\n'
+                               '  is_bind: true\n  rw: false\n}\n' % source)
         config = os.path.join(folder, "snekbox.cfg")
         with open(config, "w") as f:
             f.write(text)
         server = Server("--config", config, "--prewarm", "0")
         self.addCleanup(server.stop, 9)     # if the test fails half-way
-        parent = os.path.join(snekbox.JailConfig.from_file(config).pids_mount, "NSJAIL-test")
         try:
-            os.rmdir(parent)
+            os.rmdir(source)
             try:
                 result = server.eval(input="print(1)")
             finally:
-                os.mkdir(parent)
+                os.mkdir(source, 0o755)
             self.assertIsNone(result["returncode"])
+            self.assertEqual(result["status"], "failed")
+            self.assertIsNone(result["usage"])
             self.assertIn("the jail could not start the process", result["error"])
-            self.assertIn("cgroup", result["error"])
+            self.assertIn("/snekbox-test", result["error"])
             self.assertEqual(server.eval(input="print(2)")["stdout"], "2\n")
         finally:
             self.assertEqual(server.stop(), 0)
-            os.rmdir(parent)
 
     def test_startup_checks_fail_with_one_line(self):
         cases = ((["--nsjail", "/nonexistent/nsjail"], "not an executable file"),
