@@ -99,7 +99,7 @@ import sys
 if __name__ == "__main__":
     # The server speaks plain HTTP, but http.client (which http.server imports) would
     # load ssl: libssl and libcrypto, some 4 MiB of resident memory for nothing.
-    sys.modules.setdefault("ssl", None)
+    sys.modules.setdefault("ssl", None)     # type: ignore[arg-type]
 
 import threading
 import time
@@ -108,6 +108,7 @@ import http.client
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from collections.abc import Callable, Iterable, Sequence
+from email.message import Message
 from typing import Any, NamedTuple
 
 __all__ = [
@@ -224,7 +225,7 @@ class Limits(NamedTuple):
 
     def lowered(self, asked: dict[str, float]) -> Limits:
         """These limits with the ones in ``asked`` (checked to be at most these)."""
-        return self._replace(**asked)
+        return self._replace(**asked)     # type: ignore[arg-type]
 
 
 class Usage(NamedTuple):
@@ -307,7 +308,7 @@ _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "a": "\a", "b": "\b", "f": "\f", "v
 
 
 def _unescape(literal: str) -> str:
-    def replace(match: re.Match) -> str:
+    def replace(match: re.Match[str]) -> str:
         code = match[1]
         if code[0] == "x":
             return chr(int(code[1:], 16))
@@ -317,71 +318,99 @@ def _unescape(literal: str) -> str:
     return _ESCAPE.sub(replace, literal[1:-1])
 
 
-def parse_textproto(text: str) -> dict[str, list]:
+Token = tuple[str, str, int]      # kind, text, line
+TextprotoValue = Any                # a str, or a nested dict of field: [values]
+
+
+def parse_textproto(text: str) -> dict[str, list[TextprotoValue]]:
     """Parse protobuf text format into ``{field: [values]}``, nested messages as dicts.
 
     Scalars stay strings (quoted strings unescaped, other words as written); the caller
     knows each field's type. Enough for nsjail configs; raises ValueError on bad syntax.
     """
-    tokens: list[tuple[str, str, int]] = []
+    fields, _ = _message(_tokenize(text), 0, "")
+    return fields
+
+
+def _tokenize(text: str) -> list[Token]:
+    tokens: list[Token] = []
     pos, line = 0, 1
     while pos < len(text):
         match = _TOKEN.match(text, pos)
         if not match:
             raise ValueError(f"line {line}: unexpected {text[pos]!r}")
-        kind = match.lastgroup
-        if kind != "space":
-            tokens.append((kind, match[0], line))
+        if match.lastgroup != "space":
+            tokens.append((match.lastgroup or "", match[0], line))
         line += match[0].count("\n")
         pos = match.end()
     tokens.append(("end", "", line))
-
-    def message(i: int, closing: str) -> tuple[dict[str, list], int]:
-        fields: dict[str, list] = {}
-        while True:
-            kind, value, where = tokens[i]
-            if (kind == "symbol" and value == closing) or (kind == "end" and not closing):
-                return fields, i + 1
-            if kind != "word":
-                raise ValueError(f"line {where}: expected a field name, found {value!r}")
-            name, i = value, i + 1
-            if tokens[i][1] == ":":
-                i += 1
-            kind, value, where = tokens[i]
-            if value in ("{", "<"):
-                item, i = message(i + 1, "}" if value == "{" else ">")
-            elif kind == "string":
-                item = ""
-                while tokens[i][0] == "string":      # adjacent literals concatenate
-                    item += _unescape(tokens[i][1])
-                    i += 1
-            elif kind == "word":
-                item, i = value, i + 1
-            else:
-                raise ValueError(f"line {where}: expected a value for {name!r}")
-            fields.setdefault(name, []).append(item)
-            if tokens[i][1] in (";", ","):
-                i += 1
-
-    fields, _ = message(0, "")
-    return fields
+    return tokens
 
 
-class Mount(collections.namedtuple("Mount", "src dst is_bind mandatory")):
+def _message(tokens: list[Token], i: int,
+             closing: str) -> tuple[dict[str, list[TextprotoValue]], int]:
+    """The fields from ``tokens[i]`` up to ``closing`` (the end: ""), and the index
+    after it."""
+    fields: dict[str, list[TextprotoValue]] = {}
+    while True:
+        kind, name, where = tokens[i]
+        if (kind == "symbol" and name == closing) or (kind == "end" and not closing):
+            return fields, i + 1
+        if kind != "word":
+            raise ValueError(f"line {where}: expected a field name, found {name!r}")
+        i += 2 if tokens[i + 1][1] == ":" else 1
+        item, i = _value(tokens, i, name)
+        fields.setdefault(name, []).append(item)
+        if tokens[i][1] in (";", ","):
+            i += 1
+
+
+def _value(tokens: list[Token], i: int, name: str) -> tuple[TextprotoValue, int]:
+    """The value of field ``name`` at ``tokens[i]``, and the index after it."""
+    kind, value, where = tokens[i]
+    if value in ("{", "<"):
+        return _message(tokens, i + 1, "}" if value == "{" else ">")
+    if kind == "word":
+        return value, i + 1
+    if kind != "string":
+        raise ValueError(f"line {where}: expected a value for {name!r}")
+    item = ""
+    while tokens[i][0] == "string":      # adjacent literals concatenate
+        item += _unescape(tokens[i][1])
+        i += 1
+    return item, i
+
+
+class Mount(NamedTuple):
     """One ``mount`` entry of the config (only what snekbox needs to know)."""
 
-    __slots__ = ()
+    src: str
+    dst: str
+    is_bind: bool
+    mandatory: bool
 
 
-class JailConfig(collections.namedtuple("JailConfig", [
-        "path", "time_limit", "exec_path", "exec_args", "mounts",
-        "mem_max", "mem_swap_max", "mem_memsw_max", "mem_mount", "mem_parent",
-        "pids_max", "pids_mount", "pids_parent", "cpu_ms_per_sec", "cpu_mount",
-        "cpu_parent", "cgroupv2_mount"])):
+class JailConfig(NamedTuple):
     """The values of an nsjail config that snekbox itself uses (cgroup limits in bytes
-    and counts, as nsjail takes them; ``mounts`` a tuple of Mount)."""
+    and counts, as nsjail takes them)."""
 
-    __slots__ = ()
+    path: str
+    time_limit: int
+    exec_path: str
+    exec_args: tuple[str, ...]
+    mounts: tuple[Mount, ...]
+    mem_max: int
+    mem_swap_max: int
+    mem_memsw_max: int
+    mem_mount: str
+    mem_parent: str
+    pids_max: int
+    pids_mount: str
+    pids_parent: str
+    cpu_ms_per_sec: int
+    cpu_mount: str
+    cpu_parent: str
+    cgroupv2_mount: str
 
     @classmethod
     def from_file(cls, path: str) -> JailConfig:
@@ -393,7 +422,7 @@ class JailConfig(collections.namedtuple("JailConfig", [
             values = fields.get(name, [default])
             if isinstance(values[-1], dict):
                 raise ValueError(f"{name} must be a value, not a message")
-            return values[-1]
+            return str(values[-1])
 
         def number(name: str, default: int) -> int:
             try:
@@ -401,7 +430,7 @@ class JailConfig(collections.namedtuple("JailConfig", [
             except ValueError:
                 raise ValueError(f"{name} must be a number") from None
 
-        def flag(entry: dict, name: str, default: bool) -> bool:
+        def flag(entry: dict[str, list[str]], name: str, default: bool) -> bool:
             return entry.get(name, ["true" if default else "false"])[-1] == "true"
 
         if "uidmap" in fields or "gidmap" in fields:
@@ -965,7 +994,8 @@ def _is_utf8(text: str) -> bool:
         return False
 
 
-def _keep_first(kept: list, item: tuple, limit: int) -> None:
+def _keep_first(kept: list[tuple[str, os.stat_result]], item: tuple[str, os.stat_result],
+                limit: int) -> None:
     """Add ``item`` to the sorted list ``kept`` if it is among the first ``limit``."""
     if len(kept) < limit or item[0] < kept[-1][0]:
         bisect.insort(kept, item, key=lambda kept_item: kept_item[0])
@@ -1024,6 +1054,43 @@ def check_files(files: Iterable[File], limit: int) -> list[File]:
         seen.add(path)
         checked.append(File(path, upload.content))
     return checked
+
+
+class _Walk:
+    """What a walk through /home keeps: the first ``limit`` files (sorted by path) that
+    differ from those ``uploaded``, and how many there were; the problems it met."""
+
+    def __init__(self, uploaded: dict[str, tuple[int, int]], limit: int, problems: list[str]):
+        self.uploaded, self.limit, self.problems = uploaded, limit, problems
+        self.kept: list[tuple[str, os.stat_result]] = []
+        self.written = self.looked_into = 0
+
+    def look_at(self, entry: os.DirEntry[str], relative: str,
+                depth: int) -> list[tuple[str, str, int]]:
+        """Keep ``entry`` if it is a file to return; the folder to look into if it is one."""
+        path = f"{relative}/{entry.name}" if relative else entry.name
+        if entry.name.startswith((".", "_")):
+            return []    # hidden, or private as in python-discord/snekbox
+        if not _is_utf8(path):
+            self.problems.append("a file name is not valid UTF-8 and was skipped")
+        elif entry.is_dir(follow_symlinks=False):
+            return self._folder(path, entry.path, depth + 1)
+        elif entry.is_file(follow_symlinks=False):
+            st = entry.stat(follow_symlinks=False)
+            if self.uploaded.get(path) != (st.st_ino, st.st_ctime_ns):
+                self.written += 1
+                _keep_first(self.kept, (path, st), self.limit)
+        return []
+
+    def _folder(self, path: str, folder: str, depth: int) -> list[tuple[str, str, int]]:
+        if depth >= MAX_FILE_DEPTH:
+            self.problems.append(f"folders deeper than {MAX_FILE_DEPTH} were skipped")
+        elif self.looked_into >= MAX_OUTPUT_FOLDERS:
+            self.problems.append(f"only {MAX_OUTPUT_FOLDERS} folders were looked into")
+        else:
+            self.looked_into += 1
+            return [(path, folder, depth)]
+        return []
 
 
 class MemFS:
@@ -1135,8 +1202,7 @@ class MemFS:
                        problems: list[str]) -> list[tuple[str, os.stat_result]] | None:
         """The first ``limit`` paths, sorted, of the regular files the run wrote, with
         their stat; None past ``deadline``. What is skipped goes to ``problems``."""
-        kept: list[tuple[str, os.stat_result]] = []
-        written = looked_into = 0
+        walk = _Walk(self._written, limit, problems)
         folders = [("", self.path, 0)]
         while folders:
             relative, folder, depth = folders.pop()
@@ -1145,32 +1211,13 @@ class MemFS:
                     for entry in entries:
                         if time.monotonic() > deadline:
                             return None
-                        path = f"{relative}/{entry.name}" if relative else entry.name
-                        if entry.name.startswith((".", "_")):
-                            continue    # hidden, or private as in python-discord/snekbox
-                        if not _is_utf8(path):
-                            problems.append("a file name is not valid UTF-8 and was skipped")
-                        elif entry.is_dir(follow_symlinks=False):
-                            if depth + 1 >= MAX_FILE_DEPTH:
-                                problems.append(f"folders deeper than {MAX_FILE_DEPTH} "
-                                                "were skipped")
-                            elif looked_into >= MAX_OUTPUT_FOLDERS:
-                                problems.append(f"only {MAX_OUTPUT_FOLDERS} folders "
-                                                "were looked into")
-                            else:
-                                looked_into += 1
-                                folders.append((path, entry.path, depth + 1))
-                        elif entry.is_file(follow_symlinks=False):
-                            st = entry.stat(follow_symlinks=False)
-                            if self._written.get(path) != (st.st_ino, st.st_ctime_ns):
-                                written += 1
-                                _keep_first(kept, (path, st), limit)
+                        folders += walk.look_at(entry, relative, depth)
             except OSError as e:
                 problems.append(f"cannot list {relative or '.'}: {e.strerror}")
-        if written > limit:
-            problems.append(f"{written} files were written; only the first {limit} "
+        if walk.written > limit:
+            problems.append(f"{walk.written} files were written; only the first {limit} "
                             "are returned")
-        return kept
+        return walk.kept
 
     def _read_files(self, written: list[tuple[str, os.stat_result]],
                     problems: list[str]) -> list[File]:
@@ -1244,7 +1291,6 @@ class Cell:
         self.host = host
         self.uid = host.users.take()
         self.memfs = MemFS(host.memfs_root, name, host.memfs_size, self.uid)
-        self.cgroup: JailCgroup | None = None
         try:
             self.memfs.mount()
         except OSError as e:
@@ -1253,7 +1299,8 @@ class Cell:
         try:
             self.cgroup = host.cgroups.create(f"snekbox-jail-{name}", limits)
         except OSError as e:
-            self.close()
+            self.memfs.remove()
+            host.users.give_back(self.uid)
             raise SandboxUnavailable(f"cannot create the jail's cgroup: {e}") from e
 
     def __enter__(self) -> Cell:
@@ -1271,8 +1318,7 @@ class Cell:
             return False
 
     def close(self) -> None:
-        if self.cgroup:
-            self.cgroup.remove()
+        self.cgroup.remove()
         self.memfs.remove()
         self.host.users.give_back(self.uid)
 
@@ -1365,6 +1411,7 @@ class JailProcess:
                  split_stderr: bool = False, pass_fds: Sequence[int] = (),
                  cgroup: JailCgroup | None = None, tie_to_thread: bool = False):
         self.log_r, log_w = os.pipe()
+        self._log_closed = False
         enter = cgroup.enter_fds() if cgroup else []
         parent = os.getpid()
 
@@ -1407,20 +1454,22 @@ class JailProcess:
     def finish(self, patience: float) -> int:
         """Wait ``patience`` seconds for the end, then stop, then kill; close the pipes
         and return the status (as Popen gives it)."""
-        for ask in (lambda: None, self.stop, self.kill):
-            ask()
+        try:
+            self.popen.wait(patience)
+        except subprocess.TimeoutExpired:
+            self.stop()
             try:
-                self.popen.wait(patience if ask is not self.kill else None)
-                break
+                self.popen.wait(KILL_GRACE)
             except subprocess.TimeoutExpired:
-                patience = KILL_GRACE
+                self.kill()
+                self.popen.wait()
         for stream in (self.popen.stdin, self.popen.stdout, self.popen.stderr):
             if stream and not stream.closed:
                 stream.close()
-        if self.log_r is not None:
+        if not self._log_closed:
             os.close(self.log_r)
-            self.log_r = None
-        return self.popen.returncode
+            self._log_closed = True
+        return int(self.popen.returncode)
 
 
 class Outcome(NamedTuple):
@@ -1559,7 +1608,7 @@ class Exchange:
 
     def _on_client(self, key: selectors.SelectorKey) -> None:
         self._sel.unregister(key.fileobj)
-        if _peer_gone(key.fileobj):
+        if isinstance(key.fileobj, socket.socket) and _peer_gone(key.fileobj):
             self.cancelled = True
             self.jail.stop()
         # else a pipelined request: not ours to read
@@ -1745,7 +1794,8 @@ class WarmJail:
 
     def __init__(self, cell: Cell, process: JailProcess, job_w: int, ready_r: int):
         self.cell, self.process = cell, process
-        self.job_w: int | None = job_w
+        self.job_w = job_w
+        self._job_open = True
         self.ready_r: int | None = ready_r
         self.booted = False
         self.started = time.monotonic()
@@ -1761,9 +1811,9 @@ class WarmJail:
 
     def close_job(self) -> None:
         """Close the job pipe: the jail reads the job up to this end of file."""
-        if self.job_w is not None:
+        if self._job_open:
             os.close(self.job_w)
-            self.job_w = None
+            self._job_open = False
 
     def usable(self) -> bool:
         return self.process.popen.poll() is None and \
@@ -2131,10 +2181,12 @@ class Sandbox:
 
     def _run_warm(self, call: Call) -> Ran | None:
         """The run in a warm jail, or None when it must start cold."""
-        job = warm_job(call.args, {f.path for f in call.files}, self._warm_modes) \
-            if self.pool and not call.executable and not call.split_stderr else None
-        jail = self.pool.take() if self.pool and job else None
-        if jail is None:
+        pool = self.pool
+        if pool is None or call.executable or call.split_stderr:
+            return None
+        job = warm_job(call.args, {f.path for f in call.files}, self._warm_modes)
+        jail = pool.take() if job else None
+        if job is None or jail is None:
             return None
         try:
             if call.limits != self.caps and not jail.cell.lower_limits(call.limits):
@@ -2152,7 +2204,7 @@ class Sandbox:
             return ran
         finally:
             jail.discard()
-            self.pool.refill()
+            pool.refill()
 
     def _collected(self, cell: Cell, outcome: Outcome, warm: bool) -> Ran:
         """What a run in ``cell`` left: its report, files, usage and memory kills."""
@@ -2343,13 +2395,37 @@ def _json_files(raw_files: object, limit: int) -> list[File]:
 EVAL_FIELDS = ("input", "args", "stdin", "files", "executable_path", "limits", "stderr")
 
 
-def parse_eval_request(body: bytes | bytearray,
-                       files_limit: int = DEFAULT_FILES_LIMIT) -> EvalRequest:
+def parse_eval_request(body: bytes | bytearray, files_limit: int = DEFAULT_FILES_LIMIT,
+                       caps: Limits | None = None) -> EvalRequest:
     """Validate a ``POST /eval`` body; raise InvalidRequest naming the bad field.
 
-    The uploads are checked as ``Sandbox.run`` checks them (``check_files``), here
-    already so that a bad request is refused before it waits for a worker.
+    The uploads are checked as ``Sandbox.run`` checks them (``check_files``), and the
+    limits against ``caps`` if given, here already so that a bad request is refused
+    before it waits for a worker.
     """
+    data = _json_object(body)
+    if "input" not in data and "args" not in data:
+        raise InvalidRequest(400, "input or args is required")
+    args = data.get("args", ["-c"] if "input" in data else None)
+    if not isinstance(args, list):
+        raise InvalidRequest(400, f"args must be an array of strings, not {_json_type(args)}")
+    args = [_string(a, f"args[{i}]", nul_ok=True) for i, a in enumerate(args)]
+    if "input" in data:
+        args.append(_string(data["input"], "input", nul_ok=True))
+    stdin = _string(data.get("stdin", ""), "stdin", nul_ok=True).encode("utf-8")
+    executable = data.get("executable_path")
+    if executable is not None:
+        executable = _string(executable, "executable_path")
+    files = check_files(_json_files(data.get("files", []), files_limit), files_limit)
+    limits, stderr = _options(data)
+    if caps is not None:
+        check_limits(limits, caps)
+    ignored = [name for name in data if name not in EVAL_FIELDS]
+    return EvalRequest(args, stdin, files, executable, limits, stderr, ignored)
+
+
+def _json_object(body: bytes | bytearray) -> dict[str, Any]:
+    """The body parsed as a JSON object; InvalidRequest for anything else."""
     # Each {} or [] costs the parser some 60 bytes: 16 MiB of them would be 400 MiB.
     if _count_containers(body) > MAX_JSON_CONTAINERS:
         raise InvalidRequest(400, f"the body has over {MAX_JSON_CONTAINERS} JSON objects "
@@ -2362,31 +2438,18 @@ def parse_eval_request(body: bytes | bytearray,
         raise InvalidRequest(400, f"the body is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise InvalidRequest(400, f"the body must be a JSON object, not {_json_type(data)}")
-    if "input" not in data and "args" not in data:
-        raise InvalidRequest(400, "input or args is required")
+    return data
 
-    args = data.get("args", ["-c"] if "input" in data else None)
-    if not isinstance(args, list):
-        raise InvalidRequest(400, f"args must be an array of strings, not {_json_type(args)}")
-    args = [_string(a, f"args[{i}]", nul_ok=True) for i, a in enumerate(args)]
-    if "input" in data:
-        args.append(_string(data["input"], "input", nul_ok=True))
 
-    stdin = _string(data.get("stdin", ""), "stdin", nul_ok=True).encode("utf-8")
-
-    executable = data.get("executable_path")
-    if executable is not None:
-        executable = _string(executable, "executable_path")
-
-    files = check_files(_json_files(data.get("files", []), files_limit), files_limit)
+def _options(data: dict[str, Any]) -> tuple[dict[str, float], bool]:
+    """The request's ``limits`` and ``stderr``, checked for their types."""
     limits = data.get("limits", {})
     if not isinstance(limits, dict):
         raise InvalidRequest(400, f"limits must be an object, not {_json_type(limits)}")
     stderr = data.get("stderr", False)
     if not isinstance(stderr, bool):
         raise InvalidRequest(400, f"stderr must be true or false, not {_json_type(stderr)}")
-    ignored = [name for name in data if name not in EVAL_FIELDS]
-    return EvalRequest(args, stdin, files, executable, limits, stderr, ignored)
+    return limits, stderr
 
 
 class WorkerSlots:
@@ -2404,7 +2467,7 @@ class WorkerSlots:
         self.max_wait = max_wait
         self._slots = threading.BoundedSemaphore(workers)
         self._cond = threading.Condition()
-        self._queue: collections.deque = collections.deque()
+        self._queue: collections.deque[object] = collections.deque()
         self._running = 0
         self._closed = False
 
@@ -2506,9 +2569,11 @@ class SnekboxServer(ThreadingHTTPServer):
     def server_bind(self) -> None:
         # HTTPServer.server_bind would look the host up in DNS, slowing start-up.
         socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = self.server_address[:2]
+        host, port = self.socket.getsockname()[:2]
+        self.server_name, self.server_port = str(host), int(port)
 
-    def process_request(self, request, client_address) -> None:
+    def process_request(self, request: socket.socket,  # type: ignore[override]
+                        client_address: tuple[str, int]) -> None:
         if not self._connections.acquire(blocking=False):
             # Over the cap: answer at once instead of starting another thread.
             try:
@@ -2520,14 +2585,15 @@ class SnekboxServer(ThreadingHTTPServer):
             return
         super().process_request(request, client_address)
 
-    def process_request_thread(self, request, client_address) -> None:
+    def process_request_thread(self, request: socket.socket,  # type: ignore[override]
+                               client_address: tuple[str, int]) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
             self._connections.release()
 
 
-def _json_bytes(data: dict) -> bytes:
+def _json_bytes(data: dict[str, Any]) -> bytes:
     return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
@@ -2567,7 +2633,7 @@ class _DeadlineReader(io.RawIOBase):
         self.deadline = deadline
         self._paced = False
 
-    def readinto(self, buffer) -> int:
+    def readinto(self, buffer: Any) -> int:
         now = time.monotonic()
         if self._paced and now >= self.deadline:
             if self._window_bytes < MIN_UPLOAD_RATE * self._window:
@@ -2603,11 +2669,11 @@ def _printable(text: str) -> str:
     return _CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}", text)
 
 
-def _has_body(headers) -> bool:
+def _has_body(headers: Message) -> bool:
     return headers.get("Content-Length", "0").strip() != "0" or "Transfer-Encoding" in headers
 
 
-def content_length(headers) -> int | None:
+def content_length(headers: Message) -> int | None:
     """The request's Content-Length (None without one); InvalidRequest (400) unless it is
     ASCII digits, the same in every copy of the header."""
     values = {value.strip(" \t") for value in headers.get_all("Content-Length") or ()}
@@ -2619,7 +2685,7 @@ def content_length(headers) -> int | None:
     return int(value)
 
 
-def is_chunked(headers) -> bool:
+def is_chunked(headers: Message) -> bool:
     """Whether the body comes in chunks; InvalidRequest for framing a proxy in front might read
     differently (RFC 9112, 6.1 and 6.3): another transfer coding, or one with a length."""
     codings = headers.get_all("Transfer-Encoding")
@@ -2733,11 +2799,13 @@ class SnekboxHandler(BaseHTTPRequestHandler):
         return self.server_version
 
     def setup(self) -> None:
-        self.timeout = self.server.settings.client_timeout
+        self.client_timeout = self.server.settings.client_timeout
         super().setup()
+        self.connection.settimeout(self.client_timeout)
         # Reads share a deadline, so a client trickling bytes can't hold the thread.
         self._reader = _DeadlineReader(self.connection)
-        self.rfile = io.BufferedReader(self._reader)
+        self._buffered = io.BufferedReader(self._reader)
+        self.rfile = self._buffered
         self._served = False
         self.request_id = request_id(None)
 
@@ -2748,7 +2816,7 @@ class SnekboxHandler(BaseHTTPRequestHandler):
         self._served = True
         # The request line and headers get client_timeout from their first byte on, and
         # MAX_HEAD_BYTES together (http.server bounds each line, not all of them).
-        self._reader.set_deadline(time.monotonic() + self.timeout)
+        self._reader.set_deadline(time.monotonic() + self.client_timeout)
         self._reader.head_left = MAX_HEAD_BYTES
         self._response_started = False
         try:
@@ -2766,7 +2834,7 @@ class SnekboxHandler(BaseHTTPRequestHandler):
         clients' pools reuse idle connections for longer than a request may take."""
         self._reader.set_deadline(time.monotonic() + self.server.settings.keepalive_timeout)
         try:
-            return bool(self.rfile.peek(1))
+            return bool(self._buffered.peek(1))
         except OSError:
             return False
 
@@ -2800,7 +2868,7 @@ class SnekboxHandler(BaseHTTPRequestHandler):
             log.info('%s "%s %s" %d %d %.1fms id=%s%s', self.client_address[0], self.command,
                      _printable(self.path[:200]), self._status, self._size,
                      (time.monotonic() - started) * 1000, self.request_id,
-                     f" reason={_printable(self._note[:200])!r}" if self._note else "")
+                     f' reason="{_printable(self._note[:200])}"' if self._note else "")
 
     def _abort(self) -> None:
         """Close with a reset, at once: a client that stopped reading leaves nothing
@@ -2855,7 +2923,7 @@ class SnekboxHandler(BaseHTTPRequestHandler):
                                       "application/json", "415 Unsupported Media Type")
         settings = self.server.settings
         request = parse_eval_request(self._read_body(settings.max_request_size),
-                                     settings.files_limit)
+                                     settings.files_limit, self.server.sandbox.caps)
         self._take_slot()
         # The slot is held until the answer has been sent: the answers held in memory
         # are then at most one per worker, whoever doesn't read them.
@@ -2907,8 +2975,8 @@ class SnekboxHandler(BaseHTTPRequestHandler):
         if length is not None and length > limit:
             raise InvalidRequest.http(413, f"the body is {length} bytes; the limit is "
                                            f"{limit} bytes")
-        self._reader.pace(self.timeout)
-        read, readline = _in_time(self.rfile.read), _in_time(self.rfile.readline)
+        self._reader.pace(self.client_timeout)
+        read, readline = _in_time(self._buffered.read), _in_time(self._buffered.readline)
         body = read_chunked(read, readline, limit, self._hold_body) if chunked \
             else read_exactly(read, length or 0, self._hold_body)
         self._body_read = True
@@ -2935,8 +3003,8 @@ class SnekboxHandler(BaseHTTPRequestHandler):
         MIN_ANSWER_RATE (it holds a worker meanwhile), or the connection is closed: once
         the status line is out, no error can be answered any more.
         """
-        deadline = time.monotonic() + self.timeout + length / MIN_ANSWER_RATE
-        self.connection.settimeout(self.timeout)    # the read deadline may be spent
+        deadline = time.monotonic() + self.client_timeout + length / MIN_ANSWER_RATE
+        self.connection.settimeout(self.client_timeout)    # the read deadline may be spent
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(length))
@@ -2950,7 +3018,8 @@ class SnekboxHandler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             for piece in pieces:
-                self.connection.settimeout(max(min(self.timeout, deadline - time.monotonic()),
+                self.connection.settimeout(max(min(self.client_timeout,
+                                                   deadline - time.monotonic()),
                                                0.001))
                 self.wfile.write(piece)
         self.wfile.flush()
@@ -3013,7 +3082,7 @@ class SnekboxHandler(BaseHTTPRequestHandler):
         description = f"{message}: {explain}" if message and explain else message or explain
         self._send_error(code, HTTPStatus(code).phrase,
                          description or HTTPStatus(code).description)
-        log.info('%s "%s" %d id=%s reason=%r', self.client_address[0],
+        log.info('%s "%s" %d id=%s reason="%s"', self.client_address[0],
                  _printable(getattr(self, "requestline", "")[:200]), code, self.request_id,
                  _printable((description or "")[:200]))
 
@@ -3111,7 +3180,7 @@ FLAGS = (
 
 def _flag_type(kind: type, low: float | None, high: float | None) -> Callable[[str], object]:
     """An argparse type: ``kind`` of the text, within ``low`` and ``high`` if given."""
-    def convert(text: str):
+    def convert(text: str) -> object:
         try:
             value = kind(text)
         except ValueError:
@@ -3244,7 +3313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     server.ready = True
     release_free_memory()
-    host, port = server.server_address[:2]
+    host, port = server.server_name, server.server_port
     log.info("snekbox listening on http://%s:%d with %d worker%s (nsjail %s, cgroup v%d)",
              f"[{host}]" if ":" in host else host, port, settings.workers,
              "" if settings.workers == 1 else "s", sandbox.nsjail, sandbox.cgroups.version)
