@@ -125,7 +125,7 @@ nsjail_log = logging.getLogger("snekbox.nsjail")
 
 MiB = 1024 * 1024
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "snekbox.cfg")
-DEFAULT_MEMFS_ROOT = "/run/snekbox"
+DEFAULT_MEMFS_BASE = "/run/snekbox"   # each Sandbox has a folder of its own in it
 NSJAIL_PLACES = ("/usr/sbin/nsjail", "/usr/local/sbin/nsjail", "/usr/bin/nsjail",
                  "/usr/local/bin/nsjail", "/sbin/nsjail", "/bin/nsjail")
 
@@ -1323,15 +1323,15 @@ class Cell:
         self.host.users.give_back(self.uid)
 
 
-def prepare_host(config: JailConfig, memfs_root: str, memfs_size: int,
+def prepare_host(config: JailConfig, memfs_base: str, memfs_size: int,
                  jail_uid_base: int) -> Host:
     """Cgroups, what a crashed server left, and a folder of its own for tmpfs mounts;
     SetupError saying what to add when the privileges for them are missing."""
     try:
         cgroups = prepare_cgroups(config)
-        clean_up_after_crash(memfs_root, cgroups)
+        clean_up_after_crash(memfs_base, cgroups)
         with _sandbox_lock:
-            folder = os.path.join(memfs_root, f"{os.getpid()}-{next(_sandbox_numbers)}")
+            folder = os.path.join(memfs_base, f"{os.getpid()}-{next(_sandbox_numbers)}")
         os.makedirs(folder, mode=0o711, exist_ok=True)
         probe = MemFS(folder, "probe", MiB)
         probe.mount()           # the first tmpfs fails here rather than in the self-test
@@ -1348,10 +1348,10 @@ def prepare_host(config: JailConfig, memfs_root: str, memfs_size: int,
     return Host(cgroups, folder, memfs_size, users)
 
 
-def clean_up_after_crash(memfs_root: str, cgroups: JailCgroups) -> None:
+def clean_up_after_crash(memfs_base: str, cgroups: JailCgroups) -> None:
     """Stop the jails of dead snekbox servers, remove their tmpfs mounts and the
     empty cgroups of jails."""
-    stale = stale_memfs_folders(memfs_root)
+    stale = stale_memfs_folders(memfs_base)
     jails = kill_jails_using(stale)
     mounts = remove_memfs_folders(stale)
     groups = cgroups.remove_stale()
@@ -1395,6 +1395,41 @@ def code_argument_index(args: Sequence[str]) -> int | None:
             return None
         i += 2 if arg in ("-W", "-X") else 1
     return None
+
+
+class NsjailCommand(NamedTuple):
+    """How nsjail is called for a sandbox's jails: the binary, the config, the flags
+    the host needs (its cgroups) and the read-only user base, if any."""
+
+    nsjail: str
+    config: JailConfig
+    host_args: tuple[str, ...]
+    user_base: str | None
+
+    def line(self, home: str, uid: int, log_fd: int, args: Sequence[str], *,
+             executable: str | None = None, pass_fds: Sequence[int] = (),
+             time_limit: int | None = None) -> list[str]:
+        """The command line of one jail (the benchmark spawns it bare).
+
+        ``home`` is the host folder that becomes /home; ``uid`` the host user (and
+        group) the jail's user is; ``log_fd`` the descriptor nsjail logs to;
+        ``pass_fds`` those it passes on to the interpreter; ``time_limit`` replaces the
+        config's.
+        """
+        command = [self.nsjail, "--config", self.config.path, *self.host_args,
+                   "--user", f"{JAIL_UID}:{uid}:1", "--group", f"{JAIL_UID}:{uid}:1",
+                   "--log_fd", str(log_fd), "--bindmount", f"{home}:{JAIL_HOME}"]
+        if time_limit is not None:
+            command += ["--time_limit", str(time_limit)]
+        if self.user_base:
+            command += ["--bindmount_ro", f"{self.user_base}:{JAIL_USER_BASE}"]
+        for fd in pass_fds:
+            command += ["--pass_fd", str(fd)]
+        if executable:
+            # nsjail runs the config's exec_bin whatever argv[0] says, unless told.
+            command += ["--exec_file", executable]
+        return command + ["--", executable or self.config.exec_path, *self.config.exec_args,
+                          *args]
 
 
 class JailProcess:
@@ -1754,10 +1789,6 @@ except BaseException as e:
 WARM_MAX_IDLE = 300     # seconds a warm jail may wait; older ones are replaced
 
 
-class _WarmJailFailed(Exception):
-    """The warm jail was gone before it could run its job (a cold start will)."""
-
-
 def warm_job(args: Sequence[str], uploaded: set[str],
              modes: str = "cms") -> tuple[str, list[str], str] | None:
     """(mode, sys.argv, payload) when a warm jail can run ``args`` exactly as a cold
@@ -2073,16 +2104,18 @@ class Sandbox:
                  max_output_size: int = DEFAULT_OUTPUT_SIZE,
                  memfs_size: int = DEFAULT_MEMFS_SIZE, files_limit: int = DEFAULT_FILES_LIMIT,
                  files_timeout: float = DEFAULT_FILES_TIMEOUT, user_base: str | None = None,
-                 memfs_root: str = DEFAULT_MEMFS_ROOT, prewarm: int = 0, jail_uid_base: int = 0):
+                 memfs_base: str = DEFAULT_MEMFS_BASE, prewarm: int = 0, jail_uid_base: int = 0):
         self.nsjail = check_host(nsjail, user_base)
         self.config = load_config(config)
         self.caps = Limits(self.config.time_limit, self.config.mem_max, self.config.pids_max,
                            max_output_size)
         self.files_limit, self.files_timeout = files_limit, files_timeout
-        self.user_base, self.memfs_size = user_base, memfs_size
-        self.host = prepare_host(self.config, memfs_root, memfs_size, jail_uid_base)
+        self.memfs_size = memfs_size
+        self.host = prepare_host(self.config, memfs_base, memfs_size, jail_uid_base)
         self.cgroups, self.users, self.memfs_root = \
             self.host.cgroups, self.host.users, self.host.memfs_root
+        self.commands = NsjailCommand(self.nsjail, self.config, self.cgroups.nsjail_args,
+                                      user_base)
         self._quiet_mounts = self.config.missing_optional_mounts()
         if self._quiet_mounts:
             # Expected wherever the config lists several Pythons' folders (the image).
@@ -2140,36 +2173,12 @@ class Sandbox:
         ran = self._run_warm(call) or self._run_cold(call)
         return build_result(ran, started)
 
-    def command(self, home: str, uid: int, log_fd: int, args: Sequence[str], *,
-                executable: str | None = None, pass_fds: Sequence[int] = (),
-                time_limit: int | None = None) -> list[str]:
-        """The nsjail command line of one evaluation (the benchmark spawns it bare).
-
-        ``home`` is the host folder that becomes /home; ``uid`` the host user (and
-        group) the jail's user is; ``log_fd`` the descriptor nsjail logs to;
-        ``pass_fds`` those it passes on to the interpreter; ``time_limit`` replaces the
-        config's.
-        """
-        command = [self.nsjail, "--config", self.config.path, *self.cgroups.nsjail_args,
-                   "--user", f"{JAIL_UID}:{uid}:1", "--group", f"{JAIL_UID}:{uid}:1",
-                   "--log_fd", str(log_fd), "--bindmount", f"{home}:{JAIL_HOME}"]
-        if time_limit is not None:
-            command += ["--time_limit", str(time_limit)]
-        if self.user_base:
-            command += ["--bindmount_ro", f"{self.user_base}:{JAIL_USER_BASE}"]
-        for fd in pass_fds:
-            command += ["--pass_fd", str(fd)]
-        if executable:
-            # nsjail runs the config's exec_bin whatever argv[0] says, unless told.
-            command += ["--exec_file", executable]
-        return command + ["--", executable or self.config.exec_path, *self.config.exec_args, *args]
-
     def _run_cold(self, call: Call) -> Ran:
         with self.host.cell(call.limits) as cell:
             cell.memfs.write_files(call.files, self.files_limit, self.files_timeout)
             with _CodeOnDescriptor(call.args) as (args, code_fds):
                 jail = JailProcess(
-                    lambda log_fd: self.command(
+                    lambda log_fd: self.commands.line(
                         cell.memfs.path, cell.uid, log_fd, args, executable=call.executable,
                         pass_fds=code_fds, time_limit=math.ceil(call.limits.time)),
                     stdin=bool(call.stdin), split_stderr=call.split_stderr,
@@ -2242,7 +2251,7 @@ def start_warm_jail(sandbox: Sandbox) -> WarmJail:
         # nsjail's own time limit is far off: should the server die while the jail
         # runs a job, the parent-death signal ends it (a cold jail's limit is its own).
         process = JailProcess(
-            lambda log_fd: sandbox.command(
+            lambda log_fd: sandbox.commands.line(
                 cell.memfs.path, cell.uid, log_fd, ["-c", bootstrap],
                 pass_fds=(job_r, ready_w), time_limit=WARM_MAX_IDLE + sandbox.time_limit + 60),
             pass_fds=(job_r, ready_w), cgroup=cell.cgroup, tie_to_thread=True)
@@ -2561,7 +2570,7 @@ class SnekboxServer(ThreadingHTTPServer):
         self.sandbox = sandbox
         self.slots = WorkerSlots(settings.workers, settings.queue_limit, settings.max_wait)
         self.bodies = BodyBudget(settings.body_budget)
-        self.ready = False          # until the start-up self-test has passed
+        self.self_tested = False    # until the start-up self-test has passed
         self.stopping = False
         self._connections = threading.BoundedSemaphore(settings.max_connections)
         super().__init__((settings.host, settings.port), SnekboxHandler)
@@ -2903,7 +2912,7 @@ class SnekboxHandler(BaseHTTPRequestHandler):
 
     def _health(self) -> None:
         slots = self.server.slots
-        ready = self.server.ready and not self.server.stopping
+        ready = self.server.self_tested and not self.server.stopping
         status = "ok" if ready else "stopping" if self.server.stopping else "starting"
         self.send_json(200 if ready else 503, {
             "status": status, "ready": ready,
@@ -3311,7 +3320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.critical("%s", e)
         stop_server(server, sandbox)
         return 1
-    server.ready = True
+    server.self_tested = True
     release_free_memory()
     host, port = server.server_name, server.server_port
     log.info("snekbox listening on http://%s:%d with %d worker%s (nsjail %s, cgroup v%d)",

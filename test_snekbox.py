@@ -13,12 +13,14 @@ from __future__ import annotations
 import base64
 import gc
 import http.client
+import io
 import json
 import os
 import random
 import re
 import select
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -31,6 +33,9 @@ import unittest.mock
 from concurrent.futures import ThreadPoolExecutor
 
 import snekbox
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools"))
+import harness  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SNEKBOX = os.path.join(HERE, "snekbox.py")
@@ -149,7 +154,7 @@ class Server:
                 self.proc.stderr.close()
 
     def memfs_root(self) -> str:
-        return os.path.join(snekbox.DEFAULT_MEMFS_ROOT, f"{self.proc.pid}-1")
+        return os.path.join(snekbox.DEFAULT_MEMFS_BASE, f"{self.proc.pid}-1")
 
 
 class RemoteServer(Server):
@@ -566,6 +571,131 @@ class SettingsTests(unittest.TestCase):
             self.assertEqual(caught.exception.code, 2)
 
 
+class ExchangeTests(unittest.TestCase):
+    """The Exchange moving bytes with a plain process (no nsjail): cat, sleep, sh."""
+
+    LIMITS = snekbox.Limits(time=10, memory=0, processes=0, output=1000)
+
+    def exchange(self, command_for, stdin=b"", limits=LIMITS, **options) -> snekbox.Outcome:
+        jail = snekbox.JailProcess(command_for, stdin=bool(stdin), **options)
+        return snekbox.Exchange(jail, stdin=stdin, limits=limits).run()
+
+    def test_stdin_goes_in_and_output_and_log_come_out(self):
+        data = os.urandom(300_000).hex().encode()[:500]
+        outcome = self.exchange(lambda log: ["sh", "-c", f"echo logged >&{log}; cat"], stdin=data)
+        self.assertEqual((outcome.stdout, outcome.log, outcome.status), (data, b"logged\n", 0))
+        self.assertFalse(outcome.truncated or outcome.timed_out or outcome.cancelled)
+
+    def test_output_past_the_limit_is_cut_and_stops_the_process(self):
+        outcome = self.exchange(lambda log: ["yes"])
+        self.assertEqual(outcome.stdout, b"y\n" * 500)
+        self.assertTrue(outcome.truncated)
+        self.assertEqual(outcome.status, -signal.SIGTERM)
+
+    def test_the_time_limit_stops_the_process(self):
+        outcome = self.exchange(lambda log: ["sleep", "30"], limits=self.LIMITS._replace(time=0.2))
+        self.assertTrue(outcome.timed_out)
+        self.assertEqual(outcome.status, -signal.SIGTERM)
+
+    def test_stderr_apart_keeps_each_stream_in_order(self):
+        script = "for i in 1 2 3; do echo out$i; echo err$i >&2; done"
+        outcome = self.exchange(lambda log: ["sh", "-c", script], split_stderr=True)
+        self.assertEqual(outcome.stdout, b"out1\nout2\nout3\n")
+        self.assertEqual(outcome.stderr, b"err1\nerr2\nerr3\n")
+        merged = self.exchange(lambda log: ["sh", "-c", script])
+        self.assertEqual(merged.stdout, b"out1\nerr1\nout2\nerr2\nout3\nerr3\n")
+        self.assertIsNone(merged.stderr)
+
+    def test_the_output_limit_counts_both_streams(self):
+        script = "head -c 700 /dev/zero; head -c 700 /dev/zero >&2"
+        outcome = self.exchange(lambda log: ["sh", "-c", script], split_stderr=True)
+        self.assertEqual(len(outcome.stdout) + len(outcome.stderr), 1000)
+        self.assertTrue(outcome.truncated)
+
+    def test_a_client_hanging_up_cancels_the_run(self):
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        jail = snekbox.JailProcess(lambda log: ["sleep", "30"], stdin=False)
+        threading.Timer(0.2, theirs.close).start()
+        outcome = snekbox.Exchange(jail, stdin=b"", limits=self.LIMITS, client=ours).run()
+        self.assertTrue(outcome.cancelled)
+        self.assertFalse(outcome.timed_out)
+
+    def test_a_warm_job_is_written_and_closed(self):
+        job_r, job_w = os.pipe()
+        jail = snekbox.JailProcess(lambda log: ["cat", f"/dev/fd/{job_r}"], stdin=False,
+                                   pass_fds=(job_r,))
+        os.close(job_r)
+        outcome = snekbox.Exchange(jail, stdin=b"", limits=self.LIMITS,
+                                   job=(job_w, b"the job", lambda: os.close(job_w))).run()
+        self.assertEqual(outcome.stdout, b"the job")
+        self.assertLessEqual(outcome.started, outcome.ended)
+
+
+class BodyReaderTests(unittest.TestCase):
+    """The request body readers over plain ``read`` callables."""
+
+    def setUp(self):
+        self.held = []
+
+    def read_chunked(self, data: bytes, limit: int = 100) -> bytes:
+        stream = io.BytesIO(data)
+        return bytes(snekbox.read_chunked(stream.read, stream.readline, limit, self.held.append))
+
+    def test_exactly_the_length_each_piece_held_first(self):
+        stream = io.BytesIO(b"x" * 100_000 + b"rest")
+        body = snekbox.read_exactly(stream.read, 100_000, self.held.append)
+        self.assertEqual(bytes(body), b"x" * 100_000)
+        self.assertEqual(self.held, [65536, 100_000 - 65536])
+        with self.assertRaises(snekbox.InvalidRequest) as caught:
+            snekbox.read_exactly(io.BytesIO(b"short").read, 10, self.held.append)
+        self.assertEqual(caught.exception.status, 400)
+
+    def test_a_refused_hold_reads_nothing(self):
+        def refuse(size):
+            raise snekbox.InvalidRequest.http(503, "full")
+        stream = io.BytesIO(b"abc")
+        with self.assertRaises(snekbox.InvalidRequest):
+            snekbox.read_exactly(stream.read, 3, refuse)
+        self.assertEqual(stream.tell(), 0)
+
+    def test_chunks_with_extensions_and_trailers(self):
+        data = b"3;name=value\r\nabc\r\n2\r\nde\r\n0\r\nX-Trailer: 1\r\n\r\nnext request"
+        self.assertEqual(self.read_chunked(data), b"abcde")
+
+    def test_malformed_chunks(self):
+        cases = {b"zz\r\nabc\r\n0\r\n\r\n": 400,           # not hex
+                 b"3\nabc\r\n0\r\n\r\n": 400,                # a bare LF
+                 b"3\r\nabcXY0\r\n\r\n": 400,               # no CRLF after the data
+                 b"3\r\nabc\r\n0\r\nX: 1\n\r\n": 400,        # a trailer without CRLF
+                 b"65\r\n" + b"a" * 101 + b"\r\n0\r\n\r\n": 413}
+        for data, status in cases.items():
+            with self.subTest(data=data[:20]), self.assertRaises(snekbox.InvalidRequest) as caught:
+                self.read_chunked(data)
+            self.assertEqual(caught.exception.status, status)
+
+
+class CheckLimitsTests(unittest.TestCase):
+    CAPS = snekbox.Limits(time=6, memory=70 * 1024 * 1024, processes=15, output=1_000_000)
+
+    def test_lower_limits_replace_the_caps(self):
+        limits = snekbox.check_limits({"time": 0.5, "memory": 1000, "processes": 1}, self.CAPS)
+        self.assertEqual(limits, snekbox.Limits(0.5, 1000, 1, 1_000_000))
+        self.assertEqual(snekbox.check_limits(None, self.CAPS), self.CAPS)
+        self.assertEqual(snekbox.check_limits({"time": 6}, self.CAPS), self.CAPS)
+
+    def test_bad_limits_are_named(self):
+        cases = {"time": [0, -1, True, "1", None, 7, float("nan")], "memory": [1.5, 10**9],
+                 "processes": [16, 0], "output": [2_000_000], "timeout": [1]}
+        for name, values in cases.items():
+            for value in values:
+                with self.subTest(name=name, value=value), \
+                        self.assertRaisesRegex(snekbox.InvalidRequest, f"limits.{name}"):
+                    snekbox.check_limits({name: value}, self.CAPS)
+        with self.assertRaisesRegex(snekbox.InvalidRequest, "limit of 15 processes"):
+            snekbox.check_limits({"processes": 16}, self.CAPS)
+
+
 class WorkerSlotsTests(unittest.TestCase):
     def test_queue_limit_and_first_come_first_served(self):
         slots = snekbox.WorkerSlots(workers=1, max_queue=3, max_wait=10)
@@ -919,6 +1049,110 @@ class HTTPTests(ServerTestCase):
                 self.assertRegex(head, rb"^HTTP/1\.[01] (400|414|431|501) ")
                 self.assertIn("title", json.loads(body))
         self.assertEqual(self.run_code("print(1)")["stdout"], "1\n")
+
+
+class AnswerTests(ServerTestCase):
+    """What the answer says happened: status, usage, stderr apart, per-request limits,
+    warnings and request ids. Each limit is tried warm (where the pool has a jail)
+    and cold (interpreter options start cold)."""
+
+    def both(self, code: str, **extra) -> list[dict]:
+        """The answers of ``code`` run warm (as -c, when warm jails are on) and cold."""
+        return [self.server.eval(args=["-c", code], **extra),
+                self.server.eval(args=[*COLD, "-c", code], **extra)]
+
+    def test_each_status(self):
+        cases = {"ok": "print(1)", "error": "raise SystemExit(3)",
+                 "signal": "import ctypes; ctypes.string_at(0)",     # (a pid 1 ignores kill())
+                 "output": "print('x' * 2_000_000)",
+                 "memory": "x = bytearray(500 * 1024 * 1024)"}
+        for status, code in cases.items():
+            for result in self.both(code):
+                with self.subTest(status=status):
+                    self.assertEqual(result["status"], status, result)
+        timeout = self.server.eval(input="while True: pass", limits={"time": 0.5})
+        self.assertEqual((timeout["status"], timeout["timed_out"]), ("timeout", True))
+        failed = self.server.eval(input="print(1)\0")
+        self.assertEqual((failed["status"], failed["returncode"]), ("failed", None))
+
+    def test_a_memory_kill_is_not_a_signal_nor_a_timeout(self):
+        for result in self.both("x = bytearray(500 * 1024 * 1024)"):
+            self.assertEqual(result["returncode"], 137)
+            self.assertEqual(result["status"], "memory")
+            self.assertFalse(result["timed_out"])
+        crash = self.server.eval(input="import ctypes; ctypes.string_at(0)")
+        self.assertEqual((crash["returncode"], crash["status"]), (139, "signal"))
+        slow = self.server.eval(input="import time; time.sleep(5)", limits={"time": 0.5})
+        self.assertEqual((slow["returncode"], slow["status"]), (137, "timeout"))
+
+    def test_usage_figures(self):
+        code = ("import time\nx = bytearray(50 * 1000 * 1000)\nx[::4096] = b'y' * len(x[::4096])\n"
+                "while time.process_time() < 1.0: pass\ntime.sleep(0.3)")
+        for result in self.both(code):
+            usage = result["usage"]
+            self.assertGreaterEqual(usage["memory"], 50 * 1000 * 1000)
+            self.assertGreaterEqual(usage["cpu"], 1.0)
+            self.assertLess(usage["cpu"], usage["wall"] + 1)
+            self.assertGreaterEqual(usage["wall"], 1.3)
+            self.assertLessEqual(usage["wall"], result["duration"])
+
+    def test_stderr_apart_on_request(self):
+        code = "import sys\nfor i in range(3):\n print('out', i, flush=True)\n print('err', i, file=sys.stderr, flush=True)"
+        result = self.server.eval(input=code, stderr=True)
+        self.assertEqual(result["stdout"], "out 0\nout 1\nout 2\n")
+        self.assertEqual(result["stderr"], "err 0\nerr 1\nerr 2\n")
+        merged = self.server.eval(input=code)
+        self.assertEqual(merged["stdout"], "out 0\nerr 0\nout 1\nerr 1\nout 2\nerr 2\n")
+        self.assertNotIn("stderr", merged)
+
+    def test_lower_limits_per_request(self):
+        for result in self.both("x = bytearray(30 * 1024 * 1024)", limits={"memory": 20 * 1024 * 1024}):
+            self.assertEqual(result["status"], "memory")
+        for result in self.both("x = bytearray(30 * 1024 * 1024)"):
+            self.assertEqual(result["status"], "ok")
+        fork = "import os\nfor _ in range(5):\n if os.fork() == 0: import time; time.sleep(1); os._exit(0)"
+        for result in self.both(fork, limits={"processes": 2}):
+            self.assertIn("BlockingIOError", result["stdout"])
+        for result in self.both("print('y' * 100)", limits={"output": 10}):
+            self.assertEqual((result["stdout"], result["status"]), ("y" * 10, "output"))
+        for result in self.both("import time; time.sleep(3)", limits={"time": 0.5}):
+            self.assertEqual(result["status"], "timeout")
+            self.assertLess(result["usage"]["wall"], 2.5)
+
+    def test_limits_over_the_caps_or_malformed_are_400(self):
+        cases = [({"time": 60}, "limits.time: 60 is over the server's limit of 6 seconds"),
+                 ({"memory": -1}, "limits.memory must be a positive whole number"),
+                 ({"processes": 1.5}, "limits.processes must be a positive whole number"),
+                 ({"cpu": 1}, "limits.cpu: no such limit"),
+                 ([], "limits must be an object")]
+        for limits, message in cases:
+            with self.subTest(limits=limits):
+                status, _, data = self.server.post({"input": "print(1)", "limits": limits})
+                self.assertEqual(status, 400)
+                self.assertIn(message, data["description"])
+        status, _, data = self.server.post({"input": "print(1)", "stderr": "yes"})
+        self.assertEqual((status, data["description"]), (400, "stderr must be true or false, not a string"))
+
+    def test_unknown_fields_are_ignored_with_a_warning(self):
+        result = self.server.eval(input="print(1)", timeout=1, colour=True)
+        self.assertEqual(result["stdout"], "1\n")
+        self.assertEqual(result["warnings"], ["timeout: no such field; it was ignored",
+                                              "colour: no such field; it was ignored"])
+        self.assertNotIn("warnings", self.server.eval(input="print(1)"))
+
+    def test_request_ids(self):
+        status, headers, _ = self.server.request("POST", "/eval", b'{"input": "print(1)"}',
+                                                 {"X-Request-Id": "abc-123"})
+        self.assertEqual((status, headers["X-Request-Id"]), (200, "abc-123"))
+        _, headers, _ = self.server.request("GET", "/health", None, {"X-Request-Id": "bad id\x7f"})
+        self.assertRegex(headers["X-Request-Id"], r"^[0-9a-f]{16}$")
+        _, headers, _ = self.server.request("GET", "/nowhere")
+        self.assertRegex(headers["X-Request-Id"], r"^[0-9a-f]{16}$")
+        if not REMOTE_URL:
+            self.assertTrue(wait_until(lambda: any(
+                "evaluation id=abc-123 status=ok" in line for line in self.server.log)))
+            self.assertTrue(any('"POST /eval" 200' in line and "id=abc-123" in line
+                                for line in self.server.log))
 
 
 class LimitsServerTests(ServerTestCase):
@@ -1452,7 +1686,7 @@ class OperatorMistakesTests(unittest.TestCase):
         self.assertIn("mandatory", proc.stderr)
 
     def test_bad_flags_and_variables_are_named_before_anything_is_set_up(self):
-        before = set(os.listdir(snekbox.DEFAULT_MEMFS_ROOT))
+        before = set(os.listdir(snekbox.DEFAULT_MEMFS_BASE))
         for flags, env, text in ((["--port", "99999"], {}, "--port"),
                                  ([], {"SNEKBOX_WORKERS": "abc"}, "SNEKBOX_WORKERS"),
                                  ([], {"SNEKBOX_PORT": "-1"}, "SNEKBOX_PORT")):
@@ -1461,7 +1695,7 @@ class OperatorMistakesTests(unittest.TestCase):
                 self.assertEqual(proc.returncode, 2)
                 self.assertIn(text, proc.stderr)
                 self.assertNotIn("Traceback", proc.stderr)
-        self.assertEqual(set(os.listdir(snekbox.DEFAULT_MEMFS_ROOT)), before)
+        self.assertEqual(set(os.listdir(snekbox.DEFAULT_MEMFS_BASE)), before)
         help_text = subprocess.run([sys.executable, SNEKBOX, "--help"], capture_output=True,
                                    text=True).stdout
         self.assertIn("snekbox.cfg", help_text)
@@ -1885,16 +2119,9 @@ def nsjail_pids_using(folder: str) -> list[int]:
 
 
 def cgroups_left() -> list[str]:
-    """NSJAIL.<pid> cgroups whose nsjail is gone."""
-    cfg = snekbox.JailConfig.from_file(CONFIG)
-    left = []
-    for parent in (os.path.join(cfg.mem_mount, cfg.mem_parent),
-                   os.path.join(cfg.pids_mount, cfg.pids_parent),
-                   os.path.join(cfg.cpu_mount, cfg.cpu_parent)):
-        if os.path.isdir(parent):
-            left += [os.path.join(parent, d) for d in os.listdir(parent)
-                     if d.startswith("NSJAIL.") and not os.path.exists(f"/proc/{d[7:]}")]
-    return left
+    """Jails' cgroups whose server is gone, in the hierarchy this host has (v1 or v2)."""
+    return [name for name in harness.jail_cgroups()
+            if not os.path.exists(f"/proc/{name.split('-')[2]}")]
 
 
 def wait_until(condition, timeout: float = 5.0) -> bool:

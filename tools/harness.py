@@ -35,6 +35,26 @@ def summary(latencies: list[float]) -> dict:
             "p90": percentile(ms, 90), "p99": percentile(ms, 99)}
 
 
+def jail_cgroups(root: str = "/sys/fs/cgroup", depth: int = 8) -> list[str]:
+    """The names of the jails' cgroups (``snekbox-jail-<server pid>-<n>``) on this host,
+    wherever they are in the hierarchy it has: v1 (each controller's tree, so a jail can
+    count once per controller) or v2 (under each server's own group)."""
+    found = []
+    folders = [(root, 0)]
+    while folders:
+        folder, level = folders.pop()
+        try:
+            entries = [e for e in os.scandir(folder) if e.is_dir(follow_symlinks=False)]
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.name.startswith("snekbox-jail-"):
+                found.append(entry.name)
+            elif level < depth:
+                folders.append((entry.path, level + 1))
+    return found
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

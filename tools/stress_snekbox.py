@@ -40,8 +40,8 @@ import sys
 import threading
 import time
 
-from harness import (DEBIAN_PYTHON, ROOT, Client, PeakRss, parse_url, proc_status,
-                     run_parallel, start_server, summary, tcp_state)
+from harness import (DEBIAN_PYTHON, ROOT, Client, PeakRss, jail_cgroups, parse_url,
+                     proc_status, run_parallel, start_server, summary, tcp_state)
 
 sys.path.insert(0, ROOT)
 import snekbox  # noqa: E402  (for the paths where jails, mounts and cgroups live)
@@ -118,9 +118,9 @@ class Target:
         return Client(self.host, self.port)
 
     def ours(self, pid: str) -> bool:
-        """Whether the cgroup NSJAIL.<pid> counts as this script's servers' (so that other
-        snekbox servers on the host don't count): its process descends from one of them,
-        or is gone (the cgroup was left behind)."""
+        """Whether the cgroup of a jail of the server ``pid`` counts as this script's
+        servers' (so that other snekbox servers on the host don't count): that process
+        descends from one of them, or is gone (the cgroup was left behind)."""
         if not self.local:
             return True
         for _ in range(16):
@@ -136,7 +136,7 @@ class Target:
         return False
 
     def memfs_folders(self) -> list[str]:
-        root = snekbox.DEFAULT_MEMFS_ROOT
+        root = snekbox.DEFAULT_MEMFS_BASE
         return [os.path.join(root, d) for d in os.listdir(root)
                 if not self.local or d.partition("-")[0] in map(str, self.pids)] \
             if os.path.isdir(root) else []
@@ -154,13 +154,7 @@ class Target:
                 pass
         with open("/proc/mounts") as f:
             mounts = sum(line.split()[1].startswith(folders) for line in f) if folders else 0
-        cfg = snekbox.JailConfig.from_file(snekbox.DEFAULT_CONFIG)
-        cgroups = 0
-        for parent in (os.path.join(cfg.mem_mount, cfg.mem_parent),
-                       os.path.join(cfg.pids_mount, cfg.pids_parent)):
-            if os.path.isdir(parent):
-                cgroups += sum(d.startswith("NSJAIL.") and self.ours(d[7:])
-                               for d in os.listdir(parent))
+        cgroups = sum(self.ours(name.split("-")[2]) for name in jail_cgroups())
         result = {"jails": jails, "mounts": mounts, "cgroups": cgroups}
         if self.local and self.proc.poll() is None:
             result["fds"] = len(os.listdir(f"/proc/{self.proc.pid}/fd"))
