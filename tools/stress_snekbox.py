@@ -40,8 +40,9 @@ import sys
 import threading
 import time
 
-from harness import (DEBIAN_PYTHON, ROOT, Client, PeakRss, parse_url, proc_status,
-                     run_parallel, start_server, summary, tcp_state)
+from harness import (DEBIAN_PYTHON, ROOT, Client, PeakRss, eval_request, jail_pids_using,
+                     markdown_table, parse_url, proc_status, run_parallel, start_server,
+                     summary, tcp_state)
 
 sys.path.insert(0, ROOT)
 import snekbox  # noqa: E402  (for the paths where jails, mounts and cgroups live)
@@ -145,13 +146,7 @@ class Target:
         """Jails, mounts and cgroups on the host (this script's servers' when it started
         them); fds and threads of the server."""
         folders = tuple(f + "/" for f in self.memfs_folders())
-        jails = 0
-        for name in os.listdir("/proc"):
-            try:
-                with open(f"/proc/{name}/cmdline", "rb") as f:
-                    jails += any(a.startswith(folders) for a in f.read().decode(errors="replace").split("\0"))
-            except OSError:
-                pass
+        jails = len(jail_pids_using(folders)) if folders else 0
         with open("/proc/mounts") as f:
             mounts = sum(line.split()[1].startswith(folders) for line in f) if folders else 0
         cfg = snekbox.JailConfig.from_file(snekbox.DEFAULT_CONFIG)
@@ -279,12 +274,6 @@ def phase_disconnects(target: Target) -> dict:
     out["by_status"].update({f"after: {k}": v for k, v in normal["by_status"].items()})
     out["leaked"] = target.leaks()
     return out
-
-
-def eval_request(code: str) -> bytes:
-    body = json.dumps({"input": code}).encode()
-    return (b"POST /eval HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
 
 
 def peek_status(s: socket.socket) -> int:
@@ -640,10 +629,7 @@ def table(results: dict) -> str:
                      str(r["connection_errors"]), f"{lat['p50']:.0f} / {lat['p99']:.0f}",
                      leaked, f"{r.get('peak_rss_mib', float('nan')):.1f} MiB",
                      "yes" if r["pass"] else "NO"))
-    widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]
-    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |",
-             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
+    lines = markdown_table(header, rows)
     notes = []
     if "slow-clients" in results:
         r = results["slow-clients"]
