@@ -5,7 +5,9 @@ Run as root on a host with nsjail (see README.md):
     python3 -m unittest -v test_snekbox
 
 The integration tests start the real server on a free loopback port. Escape tests aim
-at canary files in a temporary folder, never at real system files.
+at canary files in a temporary folder, never at real system files. The servers' jails
+get a copy of the config with a 2 s time limit, and classes that ask for the same flags
+share one server; a wait is on a condition, with a deadline that names what it waited for.
 """
 
 from __future__ import annotations

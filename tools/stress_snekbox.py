@@ -618,6 +618,11 @@ def seconds(lat: dict) -> str:
     return f"{lat['p50'] / 1000:.1f} / {lat['p99'] / 1000:.1f} s" if lat["n"] else "none"
 
 
+def rss(r: dict) -> str:
+    """The server's idle RSS and the bound a phase held it to."""
+    return f"RSS idle {r['idle_rss_mib']:.1f} MiB, bound {r['rss_bound_mib']:.1f} MiB"
+
+
 def table(results: dict) -> str:
     header = ("phase", "sent", "answers by status", "conn errors", "p50 / p99 ms", "leaked",
               "peak RSS", "pass")
@@ -643,8 +648,7 @@ def table(results: dict) -> str:
                      f"{seconds(r['latency'])} (client timeout {r['client_timeout']:g} s); "
                      f"connections reset after p50/p99 {seconds(r['reset_after'])}, "
                      f"{r['not_cut_off']} still open over {r['client_timeout'] + 5:g} s after "
-                     f"their answer started (up to {r['longest_open']:.1f} s); "
-                     f"RSS idle {r['idle_rss_mib']:.1f} MiB, bound {r['rss_bound_mib']:.1f} MiB")
+                     f"their answer started (up to {r['longest_open']:.1f} s); {rss(r)}")
     if "stalled-bodies" in results:
         r = results["stalled-bodies"]
         notes.append(f"stalled-bodies: bodies of {r['body_length']} bytes, {r['part_mib']:g} MiB "
@@ -654,14 +658,12 @@ def table(results: dict) -> str:
                      f"{r['dropped_statuses'] or '(none)'} after p50/p99 "
                      f"{seconds(r['dropped_after'])}, "
                      f"{r['held_at_end']} still held when the phase gave up after "
-                     f"{r['held_for']:.0f} s; RSS idle {r['idle_rss_mib']:.1f} MiB, bound "
-                     f"{r['rss_bound_mib']:.1f} MiB")
+                     f"{r['held_for']:.0f} s; {rss(r)}")
     if "hard-link-flood" in results:
         r = results["hard-link-flood"]
         notes.append(f"hard-link-flood: {r['links_min_max'][0]}-{r['links_min_max'][1]} hard "
                      f"links per evaluation; at most {r['files_returned_max']} files returned "
-                     f"(limit {r['files_limit']}); RSS idle {r['idle_rss_mib']:.1f} MiB, bound "
-                     f"{r['rss_bound_mib']:.1f} MiB")
+                     f"(limit {r['files_limit']}); {rss(r)}")
     if "kill-9" in results:
         notes.append(f"kill-9: {results['kill-9']['orphan_jails_before_restart']} jails orphaned "
                      "by the kill, none left after the restart")
