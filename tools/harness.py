@@ -8,6 +8,8 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
+import select
 import socket
 import statistics
 import subprocess
@@ -233,3 +235,72 @@ def run_parallel(task, concurrency: int, seconds: float, max_each: int) -> tuple
     for t in threads:
         t.join()
     return results, len(results) / (time.perf_counter() - started)
+
+
+# --------------------------------------------------------------------------------------
+# Shared by the test suite and the tools: waiting, raw requests, jails, tables, servers
+# --------------------------------------------------------------------------------------
+
+def wait_until(condition, timeout: float, what: str, every: float = 0.02) -> None:
+    """Poll ``condition()`` until it is true; AssertionError naming ``what`` after
+    ``timeout`` seconds. Stands in for a sleep: it returns as soon as it can."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:g} s: {what}")
+        time.sleep(every)
+
+
+def eval_request(code: str) -> bytes:
+    """The bytes of a POST /eval of ``code``, for clients that talk raw HTTP."""
+    body = json.dumps({"input": code}).encode()
+    return (b"POST /eval HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+
+
+def jail_pids_using(folders: tuple[str, ...]) -> list[int]:
+    """Processes with an argument below one of ``folders`` (each ending in "/"): the
+    jails whose /home is a tmpfs there."""
+    pids = []
+    for name in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                args = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if name.isdigit() and any(a.startswith(folders) for a in args):
+            pids.append(int(name))
+    return pids
+
+
+def markdown_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    """The lines of a markdown table, columns padded to their widest cell."""
+    widths = [max(len(row[i]) for row in [*rows, header]) for i in range(len(header))]
+    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    return lines + ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"
+                    for row in rows]
+
+
+LISTENING = re.compile(r"listening on http://127\.0\.0\.1:(\d+)")
+
+
+def launch_server(python: str, *flags: str, timeout: float = 30) -> tuple[subprocess.Popen, int, list[str]]:
+    """Start snekbox.py on a free loopback port with its log on a pipe; return it, its
+    port and the log lines up to "listening". Fails (never hangs) when the server exits
+    or says nothing for ``timeout`` seconds; the caller goes on reading ``proc.stderr``."""
+    proc = subprocess.Popen([python, SNEKBOX, "--host", "127.0.0.1", "--port", "0", *flags],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, bufsize=0)
+    log: list[str] = []
+    deadline = time.monotonic() + timeout
+    while select.select([proc.stderr], [], [], max(0.0, deadline - time.monotonic()))[0]:
+        line = proc.stderr.readline().decode("utf-8", "replace")
+        if not line:
+            break       # the server exited
+        log.append(line)
+        match = LISTENING.search(line)
+        if match:
+            return proc, int(match[1]), log
+    proc.kill()
+    proc.wait()
+    raise RuntimeError("server did not start:\n" + "".join(log))

@@ -40,8 +40,9 @@ import sys
 import threading
 import time
 
-from harness import (DEBIAN_PYTHON, ROOT, Client, PeakRss, jail_cgroups, parse_url,
-                     proc_status, run_parallel, start_server, summary, tcp_state)
+from harness import (DEBIAN_PYTHON, ROOT, Client, PeakRss, eval_request, jail_cgroups,
+                     jail_pids_using, markdown_table, parse_url, proc_status, run_parallel,
+                     start_server, summary, tcp_state)
 
 sys.path.insert(0, ROOT)
 import snekbox  # noqa: E402  (for the paths where jails, mounts and cgroups live)
@@ -145,13 +146,7 @@ class Target:
         """Jails, mounts and cgroups on the host (this script's servers' when it started
         them); fds and threads of the server."""
         folders = tuple(f + "/" for f in self.memfs_folders())
-        jails = 0
-        for name in os.listdir("/proc"):
-            try:
-                with open(f"/proc/{name}/cmdline", "rb") as f:
-                    jails += any(a.startswith(folders) for a in f.read().decode(errors="replace").split("\0"))
-            except OSError:
-                pass
+        jails = len(jail_pids_using(folders)) if folders else 0
         with open("/proc/mounts") as f:
             mounts = sum(line.split()[1].startswith(folders) for line in f) if folders else 0
         cgroups = sum(self.ours(name.split("-")[2]) for name in jail_cgroups())
@@ -273,12 +268,6 @@ def phase_disconnects(target: Target) -> dict:
     out["by_status"].update({f"after: {k}": v for k, v in normal["by_status"].items()})
     out["leaked"] = target.leaks()
     return out
-
-
-def eval_request(code: str) -> bytes:
-    body = json.dumps({"input": code}).encode()
-    return (b"POST /eval HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
 
 
 def peek_status(s: socket.socket) -> int:
@@ -623,6 +612,11 @@ def seconds(lat: dict) -> str:
     return f"{lat['p50'] / 1000:.1f} / {lat['p99'] / 1000:.1f} s" if lat["n"] else "none"
 
 
+def rss(r: dict) -> str:
+    """The server's idle RSS and the bound a phase held it to."""
+    return f"RSS idle {r['idle_rss_mib']:.1f} MiB, bound {r['rss_bound_mib']:.1f} MiB"
+
+
 def table(results: dict) -> str:
     header = ("phase", "sent", "answers by status", "conn errors", "p50 / p99 ms", "leaked",
               "peak RSS", "pass")
@@ -634,10 +628,7 @@ def table(results: dict) -> str:
                      str(r["connection_errors"]), f"{lat['p50']:.0f} / {lat['p99']:.0f}",
                      leaked, f"{r.get('peak_rss_mib', float('nan')):.1f} MiB",
                      "yes" if r["pass"] else "NO"))
-    widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]
-    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |",
-             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
+    lines = markdown_table(header, rows)
     notes = []
     if "slow-clients" in results:
         r = results["slow-clients"]
@@ -651,8 +642,7 @@ def table(results: dict) -> str:
                      f"{seconds(r['latency'])} (client timeout {r['client_timeout']:g} s); "
                      f"connections reset after p50/p99 {seconds(r['reset_after'])}, "
                      f"{r['not_cut_off']} still open over {r['client_timeout'] + 5:g} s after "
-                     f"their answer started (up to {r['longest_open']:.1f} s); "
-                     f"RSS idle {r['idle_rss_mib']:.1f} MiB, bound {r['rss_bound_mib']:.1f} MiB")
+                     f"their answer started (up to {r['longest_open']:.1f} s); {rss(r)}")
     if "stalled-bodies" in results:
         r = results["stalled-bodies"]
         notes.append(f"stalled-bodies: bodies of {r['body_length']} bytes, {r['part_mib']:g} MiB "
@@ -662,14 +652,12 @@ def table(results: dict) -> str:
                      f"{r['dropped_statuses'] or '(none)'} after p50/p99 "
                      f"{seconds(r['dropped_after'])}, "
                      f"{r['held_at_end']} still held when the phase gave up after "
-                     f"{r['held_for']:.0f} s; RSS idle {r['idle_rss_mib']:.1f} MiB, bound "
-                     f"{r['rss_bound_mib']:.1f} MiB")
+                     f"{r['held_for']:.0f} s; {rss(r)}")
     if "hard-link-flood" in results:
         r = results["hard-link-flood"]
         notes.append(f"hard-link-flood: {r['links_min_max'][0]}-{r['links_min_max'][1]} hard "
                      f"links per evaluation; at most {r['files_returned_max']} files returned "
-                     f"(limit {r['files_limit']}); RSS idle {r['idle_rss_mib']:.1f} MiB, bound "
-                     f"{r['rss_bound_mib']:.1f} MiB")
+                     f"(limit {r['files_limit']}); {rss(r)}")
     if "kill-9" in results:
         notes.append(f"kill-9: {results['kill-9']['orphan_jails_before_restart']} jails orphaned "
                      "by the kill, none left after the restart")
