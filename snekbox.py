@@ -396,19 +396,23 @@ def _read_words(path: str) -> list[str]:
         return f.read().split()
 
 
-def prepare_cgroups(cfg: JailConfig, root: str = CGROUP_ROOT,
-                    swaps: str = "/proc/swaps") -> CgroupSetup:
+def prepare_cgroups(cfg: JailConfig, root: str = CGROUP_ROOT, swaps: str = "/proc/swaps",
+                    self_cgroup: str = "/proc/self/cgroup") -> CgroupSetup:
     """Make the cgroups that nsjail needs for ``cfg`` and say how to call nsjail.
 
     cgroup v1: create the parent groups of the controllers the config uses.
-    cgroup v2: enable those controllers for child groups where they aren't, moving
-    the processes of the top group into a child first (a group with processes can't
-    hand controllers down). Without a swap controller, nsjail must not be asked for a
-    swap limit, or every run would fail; without a cpu controller (some containers
-    don't delegate it), the CPU limit is dropped with a warning, likewise.
+    cgroup v2: the jails' groups go into a ``jails`` group below the one snekbox runs
+    in (``self_cgroup`` says which), so that limits on snekbox's group (a systemd
+    service's ``MemoryMax=``, a container's) bound its jails too; snekbox moves the
+    processes of its group into a ``snekbox-init`` child first (a group with
+    processes can't hand controllers down) and enables the controllers in both.
+    Without a swap controller, nsjail must not be asked for a swap limit, or every run
+    would fail; without a cpu controller (some containers don't delegate it), the CPU
+    limit is dropped with a warning, likewise.
     """
     wants_swap_limit = cfg.mem_max > 0 and (cfg.mem_swap_max >= 0 or cfg.mem_memsw_max > 0)
-    cfg, args = _without_missing_cpu_controller(cfg, root)
+    group = snekbox_cgroup(cfg.cgroupv2_mount, self_cgroup) if cgroup_version(root) == 2 else ""
+    cfg, args = _without_missing_cpu_controller(cfg, root, group)
     if cgroup_version(root) == 1:
         version = 1
         used = [(cfg.mem_max, cfg.mem_mount, cfg.mem_parent, "memory"),
@@ -421,19 +425,22 @@ def prepare_cgroups(cfg: JailConfig, root: str = CGROUP_ROOT,
             if not os.path.isdir(mount):
                 raise SetupError(f"the cgroup v1 {name} controller is not mounted at {mount}")
             parents.append(os.path.join(mount, parent))
-            os.makedirs(parents[-1], exist_ok=True)
+            _make_cgroup(parents[-1])
         has_swap = os.path.exists(os.path.join(cfg.mem_mount, "memory.memsw.limit_in_bytes"))
     else:
-        version, args = 2, args + ["--use_cgroupv2"]
-        mount = cfg.cgroupv2_mount
-        parents = [mount]
+        jails = v2_jail_parent(group)
+        version, args = 2, args + ["--use_cgroupv2", "--cgroupv2_mount", jails]
+        parents = [jails]
         needed = [name for limit, name in ((cfg.mem_max, "memory"), (cfg.pids_max, "pids"),
                                            (cfg.cpu_ms_per_sec, "cpu")) if limit]
-        missing = [c for c in needed if c not in _read_words(os.path.join(mount, "cgroup.controllers"))]
+        missing = [c for c in needed if c not in _read_words(os.path.join(group, "cgroup.controllers"))]
         if missing:
-            raise SetupError(f"cgroup v2 controllers not available in {mount}: {' '.join(missing)}")
-        _enable_v2_controllers(mount, needed)
-        has_swap = _v2_has_swap_files(mount)
+            raise SetupError(f"cgroup v2 controllers not available in {group}: {' '.join(missing)} "
+                             "(under systemd, give the service Delegate=yes: see README)")
+        _enable_v2_controllers(group, needed)
+        _make_cgroup(jails)
+        _enable_v2_controllers(jails, needed)
+        has_swap = _v2_has_swap_files(jails)
 
     if wants_swap_limit and not has_swap:
         # Override the config's swap limit: memsw 0 and swap -1 both mean "none".
@@ -447,24 +454,76 @@ def prepare_cgroups(cfg: JailConfig, root: str = CGROUP_ROOT,
     return CgroupSetup(version, swap_limited, tuple(args), tuple(parents))
 
 
-def _without_missing_cpu_controller(cfg: JailConfig, root: str) -> tuple[JailConfig, list[str]]:
+def _without_missing_cpu_controller(cfg: JailConfig, root: str,
+                                    group: str) -> tuple[JailConfig, list[str]]:
     """``cfg`` and no nsjail flags, or, where the host has no cpu controller for the
-    jails, ``cfg`` without its CPU limit and the flag that drops it."""
+    jails (in v2 ``group``), ``cfg`` without its CPU limit and the flag that drops it."""
     if not cfg.cpu_ms_per_sec:
         return cfg, []
     if cgroup_version(root) == 1:
         present = os.path.isdir(cfg.cpu_mount)
     else:
-        present = "cpu" in _read_words(os.path.join(cfg.cgroupv2_mount, "cgroup.controllers"))
+        present = "cpu" in _read_words(os.path.join(group, "cgroup.controllers"))
     if present:
         return cfg, []
-    log.warning("this host has no cpu cgroup controller for the jails: their CPU use is not "
-                "limited (cgroup_cpu_ms_per_sec)")
+    where = f" in {group} (under systemd: Delegate=yes, see README)" if group else ""
+    log.warning("this host has no cpu cgroup controller for the jails%s: their CPU use is "
+                "not limited (cgroup_cpu_ms_per_sec)", where)
     return cfg._replace(cpu_ms_per_sec=0), ["--cgroup_cpu_ms_per_sec", "0"]
 
 
-def _enable_v2_controllers(mount: str, needed: list[str]) -> None:
-    control = os.path.join(mount, "cgroup.subtree_control")
+INIT_CGROUP = "snekbox-init"
+JAILS_CGROUP = "jails"
+
+
+def own_cgroup(mount: str = CGROUP_ROOT, self_cgroup: str = "/proc/self/cgroup") -> str:
+    """The folder below the v2 hierarchy at ``mount`` of the group this process is in."""
+    with open(self_cgroup) as f:
+        paths = [line.rstrip("\n")[3:] for line in f if line.startswith("0::")]
+    if not paths:
+        raise SetupError(f"{self_cgroup} names no cgroup v2 group for this process")
+    folder = os.path.normpath(os.path.join(mount, paths[0].lstrip("/")))
+    if not os.path.isdir(folder):
+        raise SetupError(f"this process's cgroup {paths[0]} is not below {mount}: mount the "
+                         "cgroup v2 hierarchy of this cgroup namespace there")
+    return folder
+
+
+def snekbox_cgroup(mount: str = CGROUP_ROOT, self_cgroup: str = "/proc/self/cgroup") -> str:
+    """The v2 group snekbox manages: the one it runs in, or that group's parent once
+    snekbox (or the process that started it) moved into its ``snekbox-init`` child."""
+    group = own_cgroup(mount, self_cgroup)
+    if os.path.basename(group) == INIT_CGROUP:
+        return os.path.dirname(group)
+    return group
+
+
+def v2_jail_parent(group: str) -> str:
+    """The v2 group in which nsjail makes the jails' groups, below snekbox's ``group``."""
+    return os.path.join(group, JAILS_CGROUP)
+
+
+def _no_cgroup_rights(path: str, e: OSError) -> SetupError:
+    """The SetupError for a cgroup file or folder that snekbox may not write."""
+    if e.errno in (errno.EROFS, errno.EPERM, errno.EACCES):
+        return SetupError(f"snekbox may not write the cgroup {path} ({e.strerror}): it makes a "
+                          "cgroup for every jail; in a container, run it with --privileged (or "
+                          "the capabilities and the writable /sys/fs/cgroup that the README "
+                          "lists under Docker)")
+    return SetupError(f"cannot write the cgroup {path}: {e}")
+
+
+def _make_cgroup(path: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+        if not os.access(path, os.W_OK):    # one made earlier, now on a read-only mount
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+    except OSError as e:
+        raise _no_cgroup_rights(path, e) from e
+
+
+def _enable_v2_controllers(group: str, needed: list[str]) -> None:
+    control = os.path.join(group, "cgroup.subtree_control")
     if all(c in _read_words(control) for c in needed):
         return
     request = " ".join("+" + c for c in needed)
@@ -474,11 +533,11 @@ def _enable_v2_controllers(mount: str, needed: list[str]) -> None:
         return
     except OSError as e:
         if e.errno != errno.EBUSY:
-            raise SetupError(f"cannot enable cgroup controllers in {control}: {e}") from e
+            raise _no_cgroup_rights(control, e) from e
     # Processes in this group: move them into a child, then try again.
-    init = os.path.join(mount, "snekbox-init")
-    os.makedirs(init, exist_ok=True)
-    for pid in _read_words(os.path.join(mount, "cgroup.procs")):
+    init = os.path.join(group, INIT_CGROUP)
+    _make_cgroup(init)
+    for pid in _read_words(os.path.join(group, "cgroup.procs")):
         try:
             with open(os.path.join(init, "cgroup.procs"), "w") as f:
                 f.write(pid)
@@ -488,7 +547,7 @@ def _enable_v2_controllers(mount: str, needed: list[str]) -> None:
         with open(control, "w") as f:
             f.write(request)
     except OSError as e:
-        raise SetupError(f"cannot enable cgroup controllers in {control}: {e}") from e
+        raise _no_cgroup_rights(control, e) from e
 
 
 def _v2_has_swap_files(mount: str) -> bool:
