@@ -437,6 +437,7 @@ def prepare_cgroups(cfg: JailConfig, root: str = CGROUP_ROOT, swaps: str = "/pro
         if missing:
             raise SetupError(f"cgroup v2 controllers not available in {group}: {' '.join(missing)} "
                              "(under systemd, give the service Delegate=yes: see README)")
+        _warn_if_not_delegated(group)
         _enable_v2_controllers(group, needed)
         _make_cgroup(jails)
         _enable_v2_controllers(jails, needed)
@@ -501,6 +502,21 @@ def snekbox_cgroup(mount: str = CGROUP_ROOT, self_cgroup: str = "/proc/self/cgro
 def v2_jail_parent(group: str) -> str:
     """The v2 group in which nsjail makes the jails' groups, below snekbox's ``group``."""
     return os.path.join(group, JAILS_CGROUP)
+
+
+def _warn_if_not_delegated(group: str) -> None:
+    """Warn when ``group`` is a systemd unit's that systemd didn't delegate (it marks
+    those it did with the trusted.delegate attribute)."""
+    if not group.endswith((".service", ".scope")):
+        return
+    try:
+        delegated = os.getxattr(group, "trusted.delegate") == b"1"
+    except OSError:
+        delegated = False
+    if not delegated:
+        log.warning("snekbox runs in %s, a systemd unit without Delegate=yes: systemd may stop "
+                    "the unit when a jail is killed at its memory limit (see README, As a "
+                    "systemd service)", group)
 
 
 def _no_cgroup_rights(path: str, e: OSError) -> SetupError:

@@ -388,6 +388,24 @@ class FakeCgroupTests(unittest.TestCase):
                 self.assertFalse(os.path.exists(f"{service}/snekbox-init/snekbox-init"))
         self.assertFalse(os.path.exists(f"{self.root}/cgroup.subtree_control"))    # not ours
 
+    def test_v2_a_systemd_unit_without_delegation_is_warned_of(self):
+        service = f"{self.root}/system.slice/snekbox.service"
+        for group in (service, f"{service}/jails"):
+            self.write(f"{group}/cgroup.controllers", "cpu memory pids\n")
+            self.write(f"{group}/cgroup.subtree_control", "cpu memory pids\n")
+        self.write(f"{self.root}/cgroup.controllers", "cpu memory pids\n")
+        self.write(self.self_cgroup, "0::/system.slice/snekbox.service\n")
+        with self.assertLogs("snekbox", "WARNING") as logs:
+            snekbox.prepare_cgroups(self.config(), self.root, self.swaps, self.self_cgroup)
+        self.assertTrue(any("without Delegate=yes" in line for line in logs.output))
+        try:
+            os.setxattr(service, "trusted.delegate", b"1")
+        except OSError as e:
+            self.skipTest(f"no trusted attributes here: {e}")
+        with self.assertLogs("snekbox", "WARNING") as logs:    # still no swap accounting
+            snekbox.prepare_cgroups(self.config(), self.root, self.swaps, self.self_cgroup)
+        self.assertFalse(any("Delegate=yes" in line for line in logs.output))
+
     def test_v2_read_only_cgroups_say_what_to_add(self):
         self.write(f"{self.root}/cgroup.controllers", "cpu memory pids\n")
         self.write(f"{self.root}/cgroup.subtree_control", "")
@@ -1878,6 +1896,15 @@ def nsjail_pids_using(folder: str) -> list[int]:
     return pids
 
 
+def cmdline(pid: int) -> bytes:
+    """The command line of process ``pid`` (empty once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
 def cgroup_trees() -> list[str]:
     """The cgroup hierarchies this host really has that hold the jails' groups."""
     cfg = snekbox.JailConfig.from_file(CONFIG)
@@ -2167,10 +2194,13 @@ class ProcessTests(unittest.TestCase):
         server = Server("--workers", "2", "--config", config)
         self.addCleanup(server.stop, 9)     # if the test fails half-way
         root = server.memfs_root()
+        sleeper = "import time; time.sleep(100)"
         with ThreadPoolExecutor(2) as pool:
             for _ in range(2):      # cold: warm jails end with the server by themselves
-                pool.submit(server.post, {"args": [*COLD, "-c", "import time; time.sleep(100)"]})
-            self.assertTrue(wait_until(lambda: server.request("GET", "/health")[2]["running"] == 2))
+                pool.submit(server.post, {"args": [*COLD, "-c", sleeper]})
+            # Both cold jails started (the warm ones alone may be all there is at first).
+            self.assertTrue(wait_until(lambda: len([p for p in nsjail_pids_using(root)
+                                                    if sleeper.encode() in cmdline(p)]) == 2, 30))
             # One tmpfs a jail, once any that is starting or ending has settled.
             self.assertTrue(wait_until(lambda: len(mounts_below(root)) == len(nsjail_pids_using(root))))
             self.assertGreaterEqual(len(nsjail_pids_using(root)), 2)
