@@ -367,12 +367,18 @@ class FakeCgroupTests(unittest.TestCase):
         self.assertEqual(self.read(f"{self.jails}/cgroup.subtree_control"), "+memory +pids +cpu")
         self.assertEqual(self.read(f"{self.root}/snekbox-init/cgroup.procs"), "42")
 
-    def test_v2_jails_go_below_the_group_snekbox_runs_in(self):
+    def service_group(self, enabled: str) -> str:
+        """A fake systemd service's group, with its jails group, whose subtree_control
+        says ``enabled``."""
         service = f"{self.root}/system.slice/snekbox.service"
         for group in (service, f"{service}/jails"):
             self.write(f"{group}/cgroup.controllers", "cpu memory pids\n")
-            self.write(f"{group}/cgroup.subtree_control", "")
+            self.write(f"{group}/cgroup.subtree_control", enabled)
         self.write(f"{self.root}/cgroup.controllers", "cpu memory pids io\n")
+        return service
+
+    def test_v2_jails_go_below_the_group_snekbox_runs_in(self):
+        service = self.service_group("")
         os.makedirs(f"{service}/snekbox-init")
         for own in ("/system.slice/snekbox.service", "/system.slice/snekbox.service/snekbox-init"):
             with self.subTest(own=own):
@@ -389,11 +395,7 @@ class FakeCgroupTests(unittest.TestCase):
         self.assertFalse(os.path.exists(f"{self.root}/cgroup.subtree_control"))    # not ours
 
     def test_v2_a_systemd_unit_without_delegation_is_warned_of(self):
-        service = f"{self.root}/system.slice/snekbox.service"
-        for group in (service, f"{service}/jails"):
-            self.write(f"{group}/cgroup.controllers", "cpu memory pids\n")
-            self.write(f"{group}/cgroup.subtree_control", "cpu memory pids\n")
-        self.write(f"{self.root}/cgroup.controllers", "cpu memory pids\n")
+        service = self.service_group("cpu memory pids\n")
         self.write(self.self_cgroup, "0::/system.slice/snekbox.service\n")
         with self.assertLogs("snekbox", "WARNING") as logs:
             snekbox.prepare_cgroups(self.config(), self.root, self.swaps, self.self_cgroup)
