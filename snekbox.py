@@ -546,13 +546,64 @@ def _read_number(path: str) -> int | None:
         return None
 
 
-def own_cgroup_v2(proc_cgroup: str = "/proc/self/cgroup") -> str:
-    """This process's group in the unified hierarchy, as a path from its root."""
-    with open(proc_cgroup) as f:
-        for line in f:
-            if line.startswith("0::"):
-                return line[3:].strip()
-    return "/"
+INIT_CGROUP = "snekbox-init"
+JAILS_CGROUP = "jails"
+
+
+def own_cgroup(mount: str = CGROUP_ROOT, self_cgroup: str = "/proc/self/cgroup") -> str:
+    """The folder below the v2 hierarchy at ``mount`` of the group this process is in."""
+    with open(self_cgroup) as f:
+        paths = [line.rstrip("\n")[3:] for line in f if line.startswith("0::")]
+    if not paths:
+        raise SetupError(f"{self_cgroup} names no cgroup v2 group for this process")
+    folder = os.path.normpath(os.path.join(mount, paths[0].lstrip("/")))
+    if not os.path.isdir(folder):
+        raise SetupError(f"this process's cgroup {paths[0]} is not below {mount}: mount the "
+                         "cgroup v2 hierarchy of this cgroup namespace there")
+    return folder
+
+
+def snekbox_cgroup(mount: str = CGROUP_ROOT, self_cgroup: str = "/proc/self/cgroup") -> str:
+    """The v2 group snekbox manages: the one it runs in, or that group's parent once
+    snekbox (or the process that started it) moved into its ``snekbox-init`` child."""
+    group = own_cgroup(mount, self_cgroup)
+    if os.path.basename(group) == INIT_CGROUP:
+        return os.path.dirname(group)
+    return group
+
+
+def _warn_if_not_delegated(group: str) -> None:
+    """Warn when ``group`` is a systemd unit's that systemd didn't delegate (it marks
+    those it did with the trusted.delegate attribute)."""
+    if not group.endswith((".service", ".scope")):
+        return
+    try:
+        delegated = os.getxattr(group, "trusted.delegate") == b"1"
+    except OSError:
+        delegated = False
+    if not delegated:
+        log.warning("snekbox runs in %s, a systemd unit without Delegate=yes: systemd may stop "
+                    "the unit when a jail is killed at its memory limit (see README, As a "
+                    "systemd service)", group)
+
+
+def _no_cgroup_rights(path: str, e: OSError) -> SetupError:
+    """The SetupError for a cgroup file or folder that snekbox may not write."""
+    if e.errno in (errno.EROFS, errno.EPERM, errno.EACCES):
+        return SetupError(f"snekbox may not write the cgroup {path} ({e.strerror}): it makes a "
+                          "cgroup for every jail; in a container, run it with --privileged (or "
+                          "the capabilities and the writable /sys/fs/cgroup that the README "
+                          "lists under Docker)")
+    return SetupError(f"cannot write the cgroup {path}: {e}")
+
+
+def _make_cgroup(path: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+        if not os.access(path, os.W_OK):    # one made earlier, now on a read-only mount
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+    except OSError as e:
+        raise _no_cgroup_rights(path, e) from e
 
 
 class JailCgroup:
@@ -707,12 +758,13 @@ class JailCgroups:
 
 
 def prepare_cgroups(cfg: JailConfig, root: str = CGROUP_ROOT, swaps: str = "/proc/swaps",
-                    own: str | None = None) -> JailCgroups:
+                    self_cgroup: str = "/proc/self/cgroup") -> JailCgroups:
     """Make the parent groups of the jails' cgroups for ``cfg``.
 
     cgroup v1: the config's parent group in each hierarchy it limits (and cpuacct's, to
-    read the CPU time). cgroup v2: ``snekbox-jails`` below the group this process runs
-    in (``own``; under systemd, the service's, which Delegate=yes hands over), so that
+    read the CPU time). cgroup v2: ``jails`` below the group this process runs in
+    (``self_cgroup`` says which; under systemd, the service's, which Delegate=yes hands
+    over), so that
     limits on the service bound its jails too; the processes of that group move into a
     child first, as a group with processes can't hand controllers down. Without a swap
     controller the jail's swap is not limited; without a cpu controller (some containers
@@ -726,7 +778,7 @@ def prepare_cgroups(cfg: JailConfig, root: str = CGROUP_ROOT, swaps: str = "/pro
         has_swap = os.path.exists(os.path.join(cfg.mem_mount, "memory.memsw.limit_in_bytes"))
     else:
         version = 2
-        here = _own_group_folder(root, own if own is not None else own_cgroup_v2())
+        here = snekbox_cgroup(root, self_cgroup)
         cfg = _without_missing_cpu_controller(
             cfg, "cpu" in _read_words(os.path.join(here, "cgroup.controllers")))
         parents = {"unified": _v2_parent(cfg, here)}
@@ -767,28 +819,21 @@ def _v1_parents(cfg: JailConfig) -> dict[str, str]:
                 raise SetupError(f"the cgroup v1 {name} controller is not mounted at {mount}")
             continue    # used only to read what the jails used
         parents[name] = os.path.realpath(os.path.join(mount, parent))
-        os.makedirs(parents[name], exist_ok=True)
+        _make_cgroup(parents[name])
     return parents
 
 
-def _own_group_folder(root: str, own: str) -> str:
-    """The folder of the group ``own``; a snekbox started from the group an earlier one
-    moved itself into (``snekbox-init``) shares that one's jails' parent."""
-    if posixpath.basename(own) == "snekbox-init":
-        own = posixpath.dirname(own)
-    return os.path.join(root, own.strip("/"))
-
-
 def _v2_parent(cfg: JailConfig, here: str) -> str:
-    """``snekbox-jails`` below ``here``, with the controllers the jails need enabled."""
+    """``jails`` below ``here``, with the controllers the jails need enabled."""
     needed = ["memory", "pids"] + (["cpu"] if cfg.cpu_ms_per_sec else [])
     missing = [c for c in needed if c not in _read_words(os.path.join(here, "cgroup.controllers"))]
     if missing:
         raise SetupError(f"cgroup v2 controllers not available in {here}: {' '.join(missing)}"
-                         " (under systemd, give the service Delegate=yes)")
+                         " (under systemd, give the service Delegate=yes: see README)")
+    _warn_if_not_delegated(here)
     _enable_v2_controllers(here, needed)
-    parent = os.path.join(here, "snekbox-jails")
-    os.makedirs(parent, exist_ok=True)
+    parent = os.path.join(here, JAILS_CGROUP)
+    _make_cgroup(parent)
     _enable_v2_controllers(parent, needed)
     return parent
 
@@ -803,10 +848,10 @@ def _enable_v2_controllers(group: str, needed: list[str]) -> None:
         return
     except OSError as e:
         if e.errno != errno.EBUSY:
-            raise SetupError(f"cannot enable cgroup controllers in {control}: {e}") from e
+            raise _no_cgroup_rights(control, e) from e
     # Processes in this group: move them into a child, then try again.
-    init = os.path.join(group, "snekbox-init")
-    os.makedirs(init, exist_ok=True)
+    init = os.path.join(group, INIT_CGROUP)
+    _make_cgroup(init)
     for pid in _read_words(os.path.join(group, "cgroup.procs")):
         try:
             _write(os.path.join(init, "cgroup.procs"), pid)
@@ -815,7 +860,7 @@ def _enable_v2_controllers(group: str, needed: list[str]) -> None:
     try:
         _write(control, request)
     except OSError as e:
-        raise SetupError(f"cannot enable cgroup controllers in {control}: {e}") from e
+        raise _no_cgroup_rights(control, e) from e
 
 
 _libc = ctypes.CDLL(None, use_errno=True)

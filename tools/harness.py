@@ -285,11 +285,13 @@ def markdown_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list
 LISTENING = re.compile(r"listening on http://127\.0\.0\.1:(\d+)")
 
 
-def launch_server(python: str, *flags: str, timeout: float = 30) -> tuple[subprocess.Popen, int, list[str]]:
-    """Start snekbox.py on a free loopback port with its log on a pipe; return it, its
-    port and the log lines up to "listening". Fails (never hangs) when the server exits
-    or says nothing for ``timeout`` seconds; the caller goes on reading ``proc.stderr``."""
-    proc = subprocess.Popen([python, SNEKBOX, "--host", "127.0.0.1", "--port", "0", *flags],
+def launch_server(python: str, *flags: str, timeout: float = 30,
+                  prefix: tuple[str, ...] | list[str] = ()) -> tuple[subprocess.Popen, int, list[str]]:
+    """Start snekbox.py on a free loopback port with its log on a pipe, after the
+    command ``prefix`` if given; return it, its port and the log lines up to
+    "listening". Fails (never hangs) when the server exits or says nothing for
+    ``timeout`` seconds; the caller goes on reading ``proc.stderr``."""
+    proc = subprocess.Popen([*prefix, python, SNEKBOX, "--host", "127.0.0.1", "--port", "0", *flags],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, bufsize=0)
     log: list[str] = []
     deadline = time.monotonic() + timeout
