@@ -520,6 +520,10 @@ def _read_words(path: str) -> list[str]:
         return f.read().split()
 
 
+def _pid_alive(pid: int) -> bool:
+    return os.path.exists(f"/proc/{pid}")
+
+
 def _write(path: str, text: str) -> None:
     with open(path, "w") as f:
         f.write(text)
@@ -691,6 +695,13 @@ class JailCgroup:
                             "start to remove", folder)
 
 
+def _another_live_server(group: str) -> bool:
+    """Whether ``group`` (snekbox-jail-<server pid>-<n>) is a live server's other than
+    this one: it makes the group just before it starts nsjail in it."""
+    pid = group.split("-")[2] if group.startswith("snekbox-jail-") else ""
+    return pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid))
+
+
 def join_cgroups(fds: Sequence[int]) -> None:
     """Move the calling process into the groups behind ``fds`` (in a child before exec)."""
     for fd in fds:
@@ -736,9 +747,10 @@ class JailCgroups:
         return group
 
     def remove_stale(self) -> int:
-        """Remove the empty groups under the parents (a crashed server's, or an older
-        nsjail's); return how many. A group is stale when no process is in it: the pid
-        in a name says nothing, being the pid in another namespace, maybe."""
+        """Remove the empty groups of jails under the parents (a crashed server's, or an
+        older nsjail's); return how many. A group is stale when no process is in it (the
+        pid in an NSJAIL.<pid> name is nsjail's in a namespace of its own, maybe) and no
+        other live server of this pid namespace may be about to start its jail in it."""
         removed = 0
         for parent in dict.fromkeys(self.parents.values()):
             try:
@@ -746,7 +758,8 @@ class JailCgroups:
             except OSError:
                 continue
             for entry in entries:
-                if not entry.name.startswith(("snekbox-jail-", "NSJAIL.")):
+                if not entry.name.startswith(("snekbox-jail-", "NSJAIL.")) or \
+                        _another_live_server(entry.name):
                     continue
                 try:
                     if not _read_words(os.path.join(entry.path, "cgroup.procs")):
@@ -953,8 +966,6 @@ def _end_with_parent_thread(parent: int) -> None:
 _live_memfs_folders: set[str] = set()     # this process's, in use
 
 
-def _pid_alive(pid: int) -> bool:
-    return os.path.exists(f"/proc/{pid}")
 
 
 def stale_memfs_folders(root: str) -> list[str]:

@@ -518,9 +518,15 @@ class RealCgroupTests(unittest.TestCase):
         sleeper = subprocess.Popen(["sleep", "30"], preexec_fn=lambda: snekbox.join_cgroups(fds))
         for fd in fds:
             os.close(fd)
+        # Empty, but a live server's (pid 1 stands in for one): it may be about to use it.
+        starting = cgroups.create("snekbox-jail-1-999999", limits)
+        self.addCleanup(starting.remove)
+        dead = cgroups.create(f"snekbox-jail-{2 ** 22 + 7}-1", limits)     # above pid_max
         try:
             cgroups.remove_stale()
             self.assertFalse(any(os.path.exists(f) for f in empty.folders.values()))
+            self.assertFalse(any(os.path.exists(f) for f in dead.folders.values()))
+            self.assertTrue(all(os.path.exists(f) for f in starting.folders.values()))
             self.assertTrue(all(os.path.exists(f) for f in busy.folders.values()))
         finally:
             sleeper.kill()
