@@ -617,6 +617,46 @@ def rss(r: dict) -> str:
     return f"RSS idle {r['idle_rss_mib']:.1f} MiB, bound {r['rss_bound_mib']:.1f} MiB"
 
 
+def note_slow_clients(r: dict) -> str:
+    latency = f"normal p99 {r['latency']['p99']:.0f} ms vs {r['idle_latency']['p99']:.0f} ms idle"
+    return (f"slow-clients: {r['stalled_connections_opened']} stalled connections opened; "
+            f"{latency} ({r['p99_vs_idle']:.2f}x)")
+
+
+def note_big_answers(r: dict) -> str:
+    held = (f"each held its worker p50/p99 {seconds(r['latency'])} "
+            f"(client timeout {r['client_timeout']:g} s)")
+    open_after = r["client_timeout"] + 5
+    cut = (f"connections reset after p50/p99 {seconds(r['reset_after'])}, {r['not_cut_off']} "
+           f"still open over {open_after:g} s after their answer started "
+           f"(up to {r['longest_open']:.1f} s)")
+    unread = f"{r['by_status'].get('200', 0)} answers of {r['answer_mib']:.1f} MiB left unread"
+    return f"big-answers: {unread}; {held}; {cut}; {rss(r)}"
+
+
+def note_stalled_bodies(r: dict) -> str:
+    sent = f"bodies of {r['body_length']} bytes, {r['part_mib']:g} MiB sent"
+    held = f"{r['by_status']['held']} held ({r['held_fit']} fit the budget)"
+    refused = f"503 after p99 {r['refused_after']['p99']:.0f} ms"
+    dropped = (f"{r['held_dropped_by_server']} dropped by the server "
+               f"{r['dropped_statuses'] or '(none)'} after p50/p99 {seconds(r['dropped_after'])}")
+    left = f"{r['held_at_end']} still held when the phase gave up after {r['held_for']:.0f} s"
+    return f"stalled-bodies: {sent}; {held}, {refused}; {dropped}, {left}; {rss(r)}"
+
+
+def note_hard_link_flood(r: dict) -> str:
+    low, high = r["links_min_max"]
+    return (f"hard-link-flood: {low}-{high} hard links per evaluation; at most "
+            f"{r['files_returned_max']} files returned (limit {r['files_limit']}); {rss(r)}")
+
+
+NOTES = {"slow-clients": note_slow_clients, "big-answers": note_big_answers,
+         "stalled-bodies": note_stalled_bodies, "hard-link-flood": note_hard_link_flood,
+         "kill-9": lambda r: (f"kill-9: {r['orphan_jails_before_restart']} jails orphaned by "
+                              "the kill, none left after the restart"),
+         "sigterm": lambda r: f"sigterm: the server exited with {r['exit_code']}"}
+
+
 def table(results: dict) -> str:
     header = ("phase", "sent", "answers by status", "conn errors", "p50 / p99 ms", "leaked",
               "peak RSS", "pass")
@@ -629,40 +669,7 @@ def table(results: dict) -> str:
                      leaked, f"{r.get('peak_rss_mib', float('nan')):.1f} MiB",
                      "yes" if r["pass"] else "NO"))
     lines = markdown_table(header, rows)
-    notes = []
-    if "slow-clients" in results:
-        r = results["slow-clients"]
-        notes.append(f"slow-clients: {r['stalled_connections_opened']} stalled connections opened; "
-                     f"normal p99 {r['latency']['p99']:.0f} ms vs {r['idle_latency']['p99']:.0f} ms "
-                     f"idle ({r['p99_vs_idle']:.2f}x)")
-    if "big-answers" in results:
-        r = results["big-answers"]
-        notes.append(f"big-answers: {r['by_status'].get('200', 0)} answers of "
-                     f"{r['answer_mib']:.1f} MiB left unread; each held its worker p50/p99 "
-                     f"{seconds(r['latency'])} (client timeout {r['client_timeout']:g} s); "
-                     f"connections reset after p50/p99 {seconds(r['reset_after'])}, "
-                     f"{r['not_cut_off']} still open over {r['client_timeout'] + 5:g} s after "
-                     f"their answer started (up to {r['longest_open']:.1f} s); {rss(r)}")
-    if "stalled-bodies" in results:
-        r = results["stalled-bodies"]
-        notes.append(f"stalled-bodies: bodies of {r['body_length']} bytes, {r['part_mib']:g} MiB "
-                     f"sent; {r['by_status']['held']} held ({r['held_fit']} fit the budget), "
-                     f"503 after p99 {r['refused_after']['p99']:.0f} ms; "
-                     f"{r['held_dropped_by_server']} dropped by the server "
-                     f"{r['dropped_statuses'] or '(none)'} after p50/p99 "
-                     f"{seconds(r['dropped_after'])}, "
-                     f"{r['held_at_end']} still held when the phase gave up after "
-                     f"{r['held_for']:.0f} s; {rss(r)}")
-    if "hard-link-flood" in results:
-        r = results["hard-link-flood"]
-        notes.append(f"hard-link-flood: {r['links_min_max'][0]}-{r['links_min_max'][1]} hard "
-                     f"links per evaluation; at most {r['files_returned_max']} files returned "
-                     f"(limit {r['files_limit']}); {rss(r)}")
-    if "kill-9" in results:
-        notes.append(f"kill-9: {results['kill-9']['orphan_jails_before_restart']} jails orphaned "
-                     "by the kill, none left after the restart")
-    if "sigterm" in results:
-        notes.append(f"sigterm: the server exited with {results['sigterm']['exit_code']}")
+    notes = [NOTES[name](r) for name, r in results.items() if name in NOTES]
     notes += [f"{name} FAILED: {'; '.join(r['failed'])}" for name, r in results.items()
               if r.get("failed")]
     return "\n".join(lines + [""] + notes)
