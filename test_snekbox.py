@@ -885,8 +885,7 @@ class WorkerSlotsTests(unittest.TestCase):
         for name in "abc":
             threads.append(threading.Thread(target=waiter, args=(name,)))
             threads[-1].start()
-            while slots.waiting < len(threads):
-                time.sleep(0.001)
+            wait_until(lambda: slots.waiting == len(threads), 5, f"{name} waiting", every=0.001)
         with self.assertRaises(snekbox.Busy):
             slots.acquire()             # the queue is full
         slots.release()
@@ -1731,7 +1730,7 @@ class WarmJailTests(unittest.TestCase):
             results = list(pool.map(lambda i: self.warm.eval(input=f"print({i})"), range(5)))
         self.assertEqual([r["stdout"] for r in results], [f"{i}\n" for i in range(5)])
         wait_until(lambda: len(nsjail_pids_using(root)) == 2, 15, "2 warm jails after the burst")
-        time.sleep(0.3)
+        time.sleep(0.3)     # and no more come: a moment in which nothing may happen
         self.assertEqual(len(nsjail_pids_using(root)), 2)
 
 
