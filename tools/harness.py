@@ -289,13 +289,14 @@ def launch_server(python: str, *flags: str, timeout: float = 30,
                   prefix: tuple[str, ...] | list[str] = ()) -> tuple[subprocess.Popen, int, list[str]]:
     """Start snekbox.py on a free loopback port with its log on a pipe, after the
     command ``prefix`` if given; return it, its port and the log lines up to
-    "listening". Fails (never hangs) when the server exits or says nothing for
-    ``timeout`` seconds; the caller goes on reading ``proc.stderr``."""
+    "listening". Fails (never hangs) when the server exits, or has not said it listens
+    within ``timeout`` seconds; the caller goes on reading ``proc.stderr``."""
     proc = subprocess.Popen([*prefix, python, SNEKBOX, "--host", "127.0.0.1", "--port", "0", *flags],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, bufsize=0)
     log: list[str] = []
     deadline = time.monotonic() + timeout
-    while select.select([proc.stderr], [], [], max(0.0, deadline - time.monotonic()))[0]:
+    # The deadline holds for a server that goes on talking too, not only a silent one.
+    while (left := deadline - time.monotonic()) > 0 and select.select([proc.stderr], [], [], left)[0]:
         line = proc.stderr.readline().decode("utf-8", "replace")
         if not line:
             break       # the server exited
