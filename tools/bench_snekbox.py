@@ -424,12 +424,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=6.0,
                    help="seconds of each throughput series, in one-second turns (default: 6)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the tables")
+    p.add_argument("--tables", metavar="FILE",
+                   help="measure nothing: print the tables of a run saved with --json")
     return p
 
 
 def main() -> int:
     args = build_parser().parse_args()
-    results = measure(args)
+    if args.tables:
+        with open(args.tables) as f:
+            results = json.load(f)
+    else:
+        results = measure(args)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
