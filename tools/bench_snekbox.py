@@ -394,13 +394,24 @@ def goals(r: dict) -> list[tuple[str, float | None, float, str, bool]]:
 
 
 def goals_table(r: dict) -> str:
-    rows = [("goal", "measured", "target", "")]
-    for what, value, target, unit, at_least in goals(r):
+    rows = [("goal", "measured", "target", "", "the floor in the same phase")]
+    for (what, value, target, unit, at_least), same in zip(goals(r), same_phase(r)):
         met = None if value is None else (value >= target if at_least else value <= target)
         rows.append((what, "n/a" if value is None else f"{value:.2f}{unit}",
                      f"{'≥' if at_least else '≤'} {target:g}{unit}",
-                     {None: "not measured", True: "met", False: "**missed**"}[met]))
+                     {None: "not measured", True: "met", False: "**missed**"}[met], same))
     return markdown(rows)
+
+
+def same_phase(r: dict) -> list[str]:
+    """For the open-loop goals, the ratios to the floor's p50 at 20 req/s too: a
+    machine idle between requests starts a jail slower than one kept busy back to back."""
+    warm = "warm" if "warm" in r["c1"] else "server"
+    floor, served = r["open"][FLOOR].get("20"), r["open"].get(warm, {}).get("20")
+    if not (floor and served):
+        return [""] * 6
+    return [f"{served['p50'] / floor['p50']:.2f}x of {floor['p50']:.1f} ms",
+            f"{served['p99'] / floor['p50']:.2f}x of {floor['p50']:.1f} ms", "", "", "", ""]
 
 
 def build_parser() -> argparse.ArgumentParser:
