@@ -397,7 +397,7 @@ def goals_table(r: dict) -> str:
     rows = [("goal", "measured", "target", "", "the floor in the same phase")]
     for (what, value, target, unit, at_least), same in zip(goals(r), same_phase(r)):
         met = None if value is None else (value >= target if at_least else value <= target)
-        rows.append((what, "n/a" if value is None else f"{value:.2f}{unit}",
+        rows.append((what, "n/a" if value is None else f"{value:.3g}{unit}",
                      f"{'≥' if at_least else '≤'} {target:g}{unit}",
                      {None: "not measured", True: "met", False: "**missed**"}[met], same))
     return markdown(rows)
