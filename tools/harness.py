@@ -307,3 +307,74 @@ def launch_server(python: str, *flags: str, timeout: float = 30,
     proc.kill()
     proc.wait()
     raise RuntimeError("server did not start:\n" + "".join(log))
+
+
+def post_once(host: str, port: int, code: str, timeout: float = 30) -> tuple[int, dict | None]:
+    """POST /eval on a connection of its own, closed afterwards, as a client that comes
+    once; (status, JSON), status 0 when the connection failed."""
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request("POST", "/eval", json.dumps({"input": code}).encode(),
+                     {"Content-Type": "application/json", "Connection": "close"})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    except (OSError, http.client.HTTPException, ValueError):
+        return 0, None
+    finally:
+        conn.close()
+
+
+def _listening_inodes(port: int) -> set[str]:
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(fields[9])
+    return inodes
+
+
+def listener_pids(port: int) -> list[int]:
+    """The processes that hold the socket listening on ``port`` (a pre-forking server's
+    master and its workers), found through /proc; empty if none is visible."""
+    wanted = {f"socket:[{inode}]" for inode in _listening_inodes(port)}
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") in wanted for fd in fds):
+                pids.append(int(pid))
+        except OSError:
+            continue        # gone, or a file descriptor closed meanwhile
+    return sorted(pids)
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User and system CPU time the processes have used themselves (their waited-for
+    children, such as nsjail, not counted), in seconds."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])      # utime, stime
+    return total / ticks
+
+
+def rss_mib(pids: list[int]) -> float:
+    """The resident memory of the processes together, in MiB."""
+    total = 0.0
+    for pid in pids:
+        try:
+            total += proc_status(pid, "VmRSS")
+        except OSError:
+            continue
+    return total
