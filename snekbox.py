@@ -651,9 +651,9 @@ class JailCgroup:
     def _set(self, controller: str, name: str, value: str) -> None:
         _write(os.path.join(self.folders[controller], name), value)
 
-    def enter_fds(self) -> list[int]:
-        """Open descriptors of the group's process lists, for ``join_cgroups``."""
-        return [os.open(os.path.join(folder, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
+    def procs_files(self) -> list[str]:
+        """The group's process lists, one per hierarchy (one on v2)."""
+        return [os.path.join(folder, "cgroup.procs")
                 for folder in dict.fromkeys(self.folders.values())]
 
     def usage(self) -> tuple[float | None, int | None]:
@@ -702,10 +702,18 @@ def _another_live_server(group: str) -> bool:
     return pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid))
 
 
-def join_cgroups(fds: Sequence[int]) -> None:
-    """Move the calling process into the groups behind ``fds`` (in a child before exec)."""
-    for fd in fds:
-        os.write(fd, b"0")
+# Starts a command inside cgroups without forking the server (a preexec function makes
+# subprocess fork() a process of tens of MiB, holding the GIL, where it could vfork()):
+# sh writes itself into each process list given before "--", then becomes the command.
+_JOIN_CGROUPS = ('while [ "$1" != -- ]; do echo 0 > "$1" || exit 125; shift; done; '
+                 'shift; exec "$@"')
+JOIN_FAILED = 125       # the exit status when sh could not join a group
+
+
+def in_cgroup(group: JailCgroup, command: list[str]) -> list[str]:
+    """``command``, to be started in ``group`` (nothing of it runs outside)."""
+    return ["/bin/sh", "-c", _JOIN_CGROUPS, "snekbox-join", *group.procs_files(), "--",
+            *command]
 
 
 class JailCgroups:
@@ -953,6 +961,17 @@ def limit_pending_signals(limit: int = SIGPENDING_LIMIT) -> None:
 
 
 PR_SET_PDEATHSIG = 1
+SETPRIV = next((p for p in ("/usr/bin/setpriv", "/bin/setpriv") if os.access(p, os.X_OK)), None)
+
+
+def tied_to_thread(command: list[str]) -> tuple[list[str], Callable[[], None] | None]:
+    """``command`` and a preexec function (None: none is needed) that make it get
+    SIGTERM when the thread that starts it ends, the server's death included: util-linux's
+    setpriv where there is one, else a prctl in the forked child."""
+    if SETPRIV:
+        return [SETPRIV, "--pdeathsig", "TERM", "--", *command], None
+    parent = os.getpid()
+    return command, lambda: _end_with_parent_thread(parent)
 
 
 def _end_with_parent_thread(parent: int) -> None:
@@ -1503,26 +1522,23 @@ class JailProcess:
                  cgroup: JailCgroup | None = None, tie_to_thread: bool = False):
         self.log_r, log_w = os.pipe()
         self._log_closed = False
-        enter = cgroup.enter_fds() if cgroup else []
-        parent = os.getpid()
-
-        def in_child() -> None:
-            join_cgroups(enter)
-            if tie_to_thread:
-                _end_with_parent_thread(parent)
+        command = command_for(log_w)
+        if cgroup:
+            command = in_cgroup(cgroup, command)
+        preexec = None
+        if tie_to_thread:
+            command, preexec = tied_to_thread(command)
         try:
             self.popen = subprocess.Popen(
-                command_for(log_w), stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                command, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE if split_stderr else subprocess.STDOUT, env={},
-                pass_fds=(log_w, *pass_fds),
-                preexec_fn=in_child if enter or tie_to_thread else None)
+                pass_fds=(log_w, *pass_fds), preexec_fn=preexec)
         except (OSError, subprocess.SubprocessError) as e:
             os.close(self.log_r)
             raise SandboxUnavailable(f"cannot start nsjail: {e}") from e
         finally:
-            for fd in (log_w, *enter):
-                os.close(fd)
+            os.close(log_w)
 
     def __enter__(self) -> JailProcess:
         return self
@@ -2205,13 +2221,16 @@ class Sandbox:
 
     def run(self, args: Sequence[str], *, stdin: bytes = b"", files: Sequence[File] = (),
             executable_path: str | None = None, client: socket.socket | None = None,
-            limits: dict[str, float] | None = None, split_stderr: bool = False) -> EvalResult:
+            limits: dict[str, float] | None = None, split_stderr: bool = False,
+            answer: Callable[[EvalResult], None] | None = None) -> EvalResult:
         """Run the interpreter with ``args`` in a fresh jail and return what happened.
 
         ``files`` are written to /home first; the files the run creates or changes come
         back in ``result.files``. ``client``, if given, is a connected socket whose
         hang-up cancels the run. ``limits`` lowers the config's (see Limits);
-        ``split_stderr`` keeps stderr apart. Raises InvalidRequest for arguments,
+        ``split_stderr`` keeps stderr apart. ``answer``, if given, gets the result as soon
+        as it is known, before the jail is taken down (the server sends it then). Raises
+        InvalidRequest for arguments,
         files, limits or an executable that can't be used, and SandboxUnavailable when
         nsjail or the tmpfs can't be started.
         """
@@ -2226,10 +2245,15 @@ class Sandbox:
             return EvalResult("ValueError: embedded null byte", None, status="failed",
                               error="the code contains a NUL character",
                               duration=time.monotonic() - started)
-        ran = self._run_warm(call) or self._run_cold(call)
-        return build_result(ran, started)
 
-    def _run_cold(self, call: Call) -> Ran:
+        def finish(ran: Ran) -> EvalResult:
+            result = build_result(ran, started)
+            if answer:
+                answer(result)
+            return result
+        return self._run_warm(call, finish) or self._run_cold(call, finish)
+
+    def _run_cold(self, call: Call, finish: Callable[[Ran], EvalResult]) -> EvalResult:
         with self.host.cell(call.limits) as cell:
             cell.memfs.write_files(call.files, self.files_limit, self.files_timeout)
             with _CodeOnDescriptor(call.args) as (args, code_fds):
@@ -2242,10 +2266,12 @@ class Sandbox:
             with jail:
                 outcome = Exchange(jail, stdin=call.stdin, limits=call.limits,
                                    client=call.client).run()
-            return self._collected(cell, outcome, warm=False)
+            _check_started(outcome)
+            return finish(self._collected(cell, outcome, warm=False))
 
-    def _run_warm(self, call: Call) -> Ran | None:
-        """The run in a warm jail, or None when it must start cold."""
+    def _run_warm(self, call: Call, finish: Callable[[Ran], EvalResult]) -> EvalResult | None:
+        """The run in a warm jail, or None when it must start cold. The jail is
+        discarded and the pool refilled after ``finish``: after the answer."""
         pool = self.pool
         if pool is None or call.executable or call.split_stderr:
             return None
@@ -2266,7 +2292,7 @@ class Sandbox:
             if ran.report.child_status is None:
                 log.warning("a warm jail was gone when handed its job; running cold instead")
                 return None     # its interpreter never ran the job: it died waiting
-            return ran
+            return finish(ran)
         finally:
             jail.discard()
             pool.refill()
@@ -2347,6 +2373,14 @@ class _CodeOnDescriptor:
     def __exit__(self, *exc_info: object) -> None:
         for fd in self.fds:
             os.close(fd)
+
+
+def _check_started(outcome: Outcome) -> None:
+    """SandboxUnavailable when nsjail itself never ran (it is gone from where it was,
+    or the jail's cgroup could not be joined): the host's fault, not the request's."""
+    if not outcome.log and outcome.status in (JOIN_FAILED, 126, 127):
+        said = (outcome.stdout + (outcome.stderr or b"")).decode("utf-8", "replace").strip()
+        raise SandboxUnavailable(f"cannot start nsjail: {said[-300:] or outcome.status}")
 
 
 def build_result(ran: Ran, started: float) -> EvalResult:
@@ -2990,18 +3024,10 @@ class SnekboxHandler(BaseHTTPRequestHandler):
         request = parse_eval_request(self._read_body(settings.max_request_size),
                                      settings.files_limit, self.server.sandbox.caps)
         self._take_slot()
-        # The slot is held until the answer has been sent: the answers held in memory
-        # are then at most one per worker, whoever doesn't read them.
+        # The slot is held until the jail is gone, after the answer: the answers held in
+        # memory are then at most one per worker, whoever doesn't read them.
         try:
-            result = self._run(request)
-            if result.status == "cancelled":
-                self.close_connection = True
-                return      # nobody to answer
-            extra = {"warnings": [f"{name}: no such field; it was ignored"
-                                  for name in request.ignored]} if request.ignored else {}
-            del request
-            length, pieces = answer_pieces(result, extra)
-            self._send_answer(200, length, pieces)
+            self._run(request)
         finally:
             self.server.slots.release()
 
@@ -3011,16 +3037,21 @@ class SnekboxHandler(BaseHTTPRequestHandler):
         except Busy as e:
             raise InvalidRequest.http(503, str(e), {"Retry-After": "1"}) from None
 
-    def _run(self, request: EvalRequest) -> EvalResult:
-        """Run ``request`` in the sandbox and log what happened."""
+    def _run(self, request: EvalRequest) -> None:
+        """Run ``request`` in the sandbox; answer as soon as the result is known."""
+        warnings = [f"{name}: no such field; it was ignored" for name in request.ignored]
         try:
-            result = self.server.sandbox.run(
+            self.server.sandbox.run(
                 request.args, stdin=request.stdin, files=request.files,
                 executable_path=request.executable_path, client=self.connection,
-                limits=request.limits, split_stderr=request.stderr)
+                limits=request.limits, split_stderr=request.stderr,
+                answer=lambda result: self._answer(result, warnings))
         except SandboxUnavailable as e:
             log.error("%s", e)
             raise InvalidRequest.http(503, str(e), {"Retry-After": "1"}) from None
+
+    def _answer(self, result: EvalResult, warnings: list[str]) -> None:
+        """Log the evaluation and send its answer (unless its client went away)."""
         usage = result.usage or Usage(0.0, None, None)
         log.info("evaluation id=%s status=%s returncode=%s %s wall=%.3fs cpu=%s memory=%s "
                  "duration=%.3fs%s", self.request_id, result.status, result.returncode,
@@ -3028,7 +3059,11 @@ class SnekboxHandler(BaseHTTPRequestHandler):
                  "-" if usage.cpu is None else f"{usage.cpu:.3f}s",
                  "-" if usage.memory is None else usage.memory, result.duration,
                  f" error={result.error!r}" if result.error else "")
-        return result
+        if result.status == "cancelled":
+            self.close_connection = True
+            return      # nobody to answer
+        length, pieces = answer_pieces(result, {"warnings": warnings} if warnings else {})
+        self._send_answer(200, length, pieces)
 
     def _read_body(self, limit: int) -> bytearray:
         """The request's body, at most ``limit`` bytes, counted against the server's
@@ -3185,7 +3220,7 @@ class Settings:
     client_timeout: float = 10.0
     keepalive_timeout: float = 75.0     # longer than common clients' pools keep them
     max_connections: int = 256
-    prewarm: int = 2
+    prewarm: int = 4
     max_body_memory: int = 0      # 0: 4 times max_request_size
     jail_uid_base: int = 0        # 0: a random block
     log_level: str = "INFO"

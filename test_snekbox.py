@@ -244,9 +244,11 @@ class ServerTestCase(unittest.TestCase):
         return TIME_LIMIT if self.short_time_limit and not REMOTE_URL else CONFIG_TIME_LIMIT
 
     def tearDown(self) -> None:
-        # Every evaluation's tmpfs is gone once its answer is sent; the warm jails waiting
-        # for the next ones have theirs.
-        self.assertLessEqual(len(mounts_below(self.server.memfs_root())), PREWARM)
+        # Every evaluation's tmpfs is gone just after its answer is sent (the jail is
+        # taken down then, its worker still held); the warm jails waiting for the next
+        # ones have theirs.
+        wait_until(lambda: len(mounts_below(self.server.memfs_root())) <= PREWARM, 5,
+                   f"at most {PREWARM} tmpfs mounts (the warm jails')")
 
     def run_code(self, code: str, **extra) -> dict:
         return self.server.eval(input=code, **extra)
@@ -514,10 +516,8 @@ class RealCgroupTests(unittest.TestCase):
         limits = snekbox.Limits(6, 50 * MiB, 5, 100)
         empty = cgroups.create(f"snekbox-jail-test-empty-{os.getpid()}", limits)
         busy = cgroups.create(f"snekbox-jail-test-busy-{os.getpid()}", limits)
-        fds = busy.enter_fds()
-        sleeper = subprocess.Popen(["sleep", "30"], preexec_fn=lambda: snekbox.join_cgroups(fds))
-        for fd in fds:
-            os.close(fd)
+        sleeper = subprocess.Popen(snekbox.in_cgroup(busy, ["/bin/sleep", "30"]))
+        wait_until(lambda: cmdline(sleeper.pid).startswith(b"/bin/sleep"), 5, "sleep in its group")
         # Empty, but a live server's (pid 1 stands in for one): it may be about to use it.
         starting = cgroups.create("snekbox-jail-1-999999", limits)
         self.addCleanup(starting.remove)
@@ -534,17 +534,26 @@ class RealCgroupTests(unittest.TestCase):
             busy.remove()
         self.assertFalse(any(os.path.exists(f) for f in busy.folders.values()))
 
+    def test_a_group_that_cannot_be_joined_runs_nothing(self):
+        cgroups = snekbox.prepare_cgroups(snekbox.JailConfig.from_file(CONFIG))
+        group = cgroups.create(f"snekbox-jail-test-gone-{os.getpid()}",
+                               snekbox.Limits(6, 50 * MiB, 5, 100))
+        group.remove()
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        canary = os.path.join(folder, "ran")
+        run = subprocess.run(snekbox.in_cgroup(group, ["/bin/touch", canary]),
+                             capture_output=True)
+        self.assertEqual(run.returncode, snekbox.JOIN_FAILED)
+        self.assertFalse(os.path.exists(canary))
+
     def test_a_group_reports_what_it_used(self):
         cgroups = snekbox.prepare_cgroups(snekbox.JailConfig.from_file(CONFIG))
         group = cgroups.create(f"snekbox-jail-test-usage-{os.getpid()}",
                                snekbox.Limits(6, 50 * MiB, 5, 100))
         self.addCleanup(group.remove)
-        fds = group.enter_fds()
         code = "x = bytearray(20 * 1024 * 1024)\nwhile __import__('time').process_time() < 0.3: pass"
-        subprocess.run([sys.executable, "-c", code], check=True,
-                       preexec_fn=lambda: snekbox.join_cgroups(fds))
-        for fd in fds:
-            os.close(fd)
+        subprocess.run(snekbox.in_cgroup(group, [sys.executable, "-c", code]), check=True)
         cpu, memory = group.usage()
         self.assertGreaterEqual(cpu, 0.3)
         self.assertGreaterEqual(memory, 20 * MiB)
