@@ -1533,7 +1533,10 @@ class JailProcess:
                 command, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE if split_stderr else subprocess.STDOUT, env={},
-                pass_fds=(log_w, *pass_fds), preexec_fn=preexec)
+                pass_fds=(log_w, *pass_fds), preexec_fn=preexec,
+                # A session of its own: a signal to a process group (nsjail's, the
+                # server's, a terminal's Ctrl-C) reaches no other jail.
+                start_new_session=True)
         except (OSError, subprocess.SubprocessError) as e:
             os.close(self.log_r)
             raise SandboxUnavailable(f"cannot start nsjail: {e}") from e
@@ -2242,15 +2245,12 @@ class Sandbox:
         index = code_argument_index(args)
         if index is not None and "\0" in args[index]:
             # What Python says of such -c code; clients of python-discord/snekbox show it.
-            return EvalResult("ValueError: embedded null byte", None, status="failed",
-                              error="the code contains a NUL character",
-                              duration=time.monotonic() - started)
+            return _answered(answer, EvalResult(
+                "ValueError: embedded null byte", None, status="failed",
+                error="the code contains a NUL character", duration=time.monotonic() - started))
 
         def finish(ran: Ran) -> EvalResult:
-            result = build_result(ran, started)
-            if answer:
-                answer(result)
-            return result
+            return _answered(answer, build_result(ran, started))
         return self._run_warm(call, finish) or self._run_cold(call, finish)
 
     def _run_cold(self, call: Call, finish: Callable[[Ran], EvalResult]) -> EvalResult:
@@ -2305,6 +2305,13 @@ class Sandbox:
         cpu, memory = cell.cgroup.usage()
         return Ran(outcome, report, files, files_error, cpu, memory,
                    cell.cgroup.oom_kills(), warm)
+
+
+def _answered(answer: Callable[[EvalResult], None] | None, result: EvalResult) -> EvalResult:
+    """``result``, once given to ``answer`` if there is one."""
+    if answer:
+        answer(result)
+    return result
 
 
 def _warm_jail_maker(sandbox: Sandbox) -> Callable[[], WarmJail]:
