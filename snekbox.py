@@ -3411,7 +3411,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop = stop_on_signals()
     # Serve while the self-test runs, so that the first requests need not wait for it;
     # /health answers 503 until it has passed, and a failure stops everything.
-    threading.Thread(target=server.serve_forever, name="accept", daemon=True).start()
+    # The poll interval is how long a stop waits for the accepting loop to notice.
+    threading.Thread(target=server.serve_forever, args=(0.1,), name="accept",
+                     daemon=True).start()
     try:
         self_test(sandbox)
     except SetupError as e:
