@@ -1535,8 +1535,9 @@ class JailProcess:
                 stderr=subprocess.PIPE if split_stderr else subprocess.STDOUT, env={},
                 pass_fds=(log_w, *pass_fds), preexec_fn=preexec,
                 # A session of its own: a signal to a process group (nsjail's, the
-                # server's, a terminal's Ctrl-C) reaches no other jail.
-                start_new_session=True)
+                # server's, a terminal's Ctrl-C) reaches no other jail. The root as the
+                # working folder: sh would complain into the output of one gone.
+                start_new_session=True, cwd="/")
         except (OSError, subprocess.SubprocessError) as e:
             os.close(self.log_r)
             raise SandboxUnavailable(f"cannot start nsjail: {e}") from e

@@ -2655,6 +2655,17 @@ class ProcessTests(unittest.TestCase):
         finally:
             self.assertEqual(server.stop(), 0)
 
+    def test_a_server_in_a_folder_that_is_gone_still_answers_cleanly(self):
+        # Jails are started from /, whatever the server's working folder has become.
+        folder = tempfile.mkdtemp()
+        code = ("import os, sys; sys.path.insert(0, %r); import snekbox\n"
+                "os.rmdir(%r)\n"
+                "with snekbox.Sandbox(%r) as sandbox:\n"
+                "    print(repr(sandbox.run(['-c', 'print(1)']).stdout))" % (HERE, folder, CONFIG))
+        run = subprocess.run([sys.executable, "-c", code], cwd=folder, capture_output=True,
+                             text=True, timeout=60)
+        self.assertEqual(run.stdout, "'1\\n'\n", run.stderr)
+
     def test_jail_that_cannot_start_is_a_clear_error(self):
         # A config of its own with a mandatory mount whose source is taken away after
         # start-up: nsjail then fails to build the jail, on any cgroup hierarchy.
