@@ -1342,8 +1342,10 @@ class AnswerTests(ServerTestCase):
         if not REMOTE_URL:
             wait_until(lambda: self.server.logged("evaluation id=abc-123 status=ok"), 5,
                        "the evaluation's log line")
-            self.assertTrue(any('"POST /eval" 200' in line and "id=abc-123" in line
-                                for line in self.server.log))
+            # The request's own line comes once the jail is taken down, after the answer.
+            wait_until(lambda: any('"POST /eval" 200' in line and "id=abc-123" in line
+                                   for line in list(self.server.log)), 5,
+                       "the request's log line")
 
 
 class LimitsServerTests(ServerTestCase):
