@@ -149,7 +149,8 @@ class Target:
         jails = len(jail_pids_using(folders)) if folders else 0
         with open("/proc/mounts") as f:
             mounts = sum(line.split()[1].startswith(folders) for line in f) if folders else 0
-        cgroups = sum(self.ours(name.split("-")[2]) for name in jail_cgroups())
+        # A jail's group, once per jail (on cgroup v1 it is in each controller's tree).
+        cgroups = sum(self.ours(name.split("-")[2]) for name in set(jail_cgroups()))
         result = {"jails": jails, "mounts": mounts, "cgroups": cgroups}
         if self.local and self.proc.poll() is None:
             result["fds"] = len(os.listdir(f"/proc/{self.proc.pid}/fd"))
@@ -161,10 +162,10 @@ class Target:
         self.wait_idle()
         time.sleep(self.args.settle)      # let connections close and threads end
         now = self.resources()
-        # An idle server holds its warm jails (a tmpfs and two cgroups each) and nothing
+        # An idle server holds its warm jails (a tmpfs and a cgroup each) and nothing
         # else on the host; its fds and threads are compared with its own at start.
         idle = {"jails": self.args.prewarm, "mounts": self.args.prewarm,
-                "cgroups": 2 * self.args.prewarm} if self.local and self.proc.poll() is None \
+                "cgroups": self.args.prewarm} if self.local and self.proc.poll() is None \
             else {}
         return {k: max(0, v - (self.baseline.get(k, 0) if k in ("fds", "threads") else idle.get(k, 0)))
                 for k, v in now.items()}
