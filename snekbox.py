@@ -10,6 +10,7 @@ Run the server (as root, with nsjail installed; see README.md)::
 
     python3 snekbox.py [--host 127.0.0.1] [--port 8060] [--workers N] ...
     python3 snekbox.py --help
+    python3 snekbox.py --version
 
 The HTTP API, compatible with python-discord/snekbox:
 
@@ -41,7 +42,11 @@ also has ``stderr``. ``files`` holds the files the code created or changed in /h
 "description": ...}`` with a 4xx status, or 503 when the server can't take the work.
 Every answer carries an ``X-Request-Id`` (the client's, when it sends a sane one).
 
-``GET /health`` answers 200 with the service's state while it takes requests.
+``GET /health`` answers 200 with the service's state while it takes requests;
+``GET /info`` tells the version, the interpreters and packages in the jail and the
+limits; ``GET /metrics`` gives counters in the Prometheus text format; and
+``GET /openapi.json`` describes all of it. With ``--token-file``, ``/eval`` and ``/info``
+need ``Authorization: Bearer <token>`` (SIGHUP reads the file again).
 
 Each evaluation gets a fresh jail. ``--prewarm N`` keeps N of them started ahead of time,
 their interpreter waiting, so that a request starts in milliseconds; it runs exactly as
@@ -108,11 +113,14 @@ import http.client
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from collections.abc import Callable, Iterable, Sequence
+import email.parser
 from email.message import Message
 from typing import Any, NamedTuple
 
+__version__ = "1.0.0"     # the one place it is set: --version, /health, /info, /metrics
+
 __all__ = [
-    "Sandbox", "EvalResult", "File", "Limits", "Usage", "JailConfig", "InvalidRequest",
+    "__version__", "Sandbox", "EvalResult", "File", "Limits", "Usage", "JailConfig", "InvalidRequest",
     "SandboxUnavailable", "parse_eval_request", "EvalRequest", "main",
 ]
 
@@ -196,7 +204,12 @@ class SetupError(Exception):
 
 
 class Busy(Exception):
-    """No worker slot could be had; the message says which limit was hit."""
+    """No worker slot could be had; the message says which limit was hit, ``cause`` names
+    it in a word (queue_full, max_wait, stopping, client_gone) for the metrics."""
+
+    def __init__(self, message: str, cause: str):
+        super().__init__(message)
+        self.cause = cause
 
 
 # The records are named tuples rather than dataclasses: the dataclasses module imports
@@ -499,6 +512,88 @@ def find_nsjail(explicit: str | None = None) -> str | None:
     on_path = tuple(os.path.join(folder, "nsjail") for folder in os.get_exec_path())
     return next((p for p in on_path + NSJAIL_PLACES
                  if os.path.isfile(p) and os.access(p, os.X_OK)), None)
+
+
+_PYTHON_NAME = re.compile(r"python(?:[0-9]+(?:\.[0-9]+)?)?")
+MAX_INTERPRETER_SEARCH = 20_000     # folder entries looked at for interpreters, at most
+
+
+def python_version(python: str) -> tuple[int, ...] | None:
+    """The version of the interpreter at host path ``python``, None if it won't say."""
+    try:
+        out = subprocess.run([python, "-I", "-S", "-c",
+                              "import sys; print(*sys.version_info[:3])"],
+                             capture_output=True, text=True, timeout=10, env={})
+        return tuple(int(part) for part in out.stdout.split()) or None
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return None
+
+
+def _interpreters_in(mount: Mount, budget: list[int]) -> Iterable[str]:
+    """The jail paths of the interpreters that ``mount`` brings: the mounted file if it
+    is one, else the python* files of ``bin`` folders within three levels of it."""
+    if os.path.isfile(mount.src):
+        if _PYTHON_NAME.fullmatch(posixpath.basename(mount.dst)):
+            yield mount.dst
+        return
+    for folder, subfolders, files in os.walk(mount.src):
+        depth = folder[len(mount.src):].count("/")
+        budget[0] -= len(subfolders) + len(files)
+        if depth >= 3 or budget[0] < 0:
+            subfolders.clear()
+        if posixpath.basename(folder) == "bin":
+            jail_folder = mount.dst + folder[len(mount.src):]
+            yield from (posixpath.join(jail_folder, name) for name in sorted(files)
+                        if _PYTHON_NAME.fullmatch(name))
+
+
+def find_interpreters(config: JailConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """The interpreters an ``executable_path`` may name (the config's own first), each
+    with its version: executable python* files that the config's bind mounts bring."""
+    found = {config.exec_path: None}
+    budget = [MAX_INTERPRETER_SEARCH]
+    for mount in config.mounts:
+        if mount.is_bind and os.path.exists(mount.src):
+            found.update(dict.fromkeys(_interpreters_in(mount, budget)))
+    versions: dict[str, tuple[int, ...] | None] = {}    # one run per real file
+    interpreters = []
+    for path in found:
+        host = config.host_path(path)
+        if host is None or not os.path.isfile(host) or not os.stat(host).st_mode & 0o001:
+            continue
+        real = os.path.realpath(host)
+        if real not in versions:
+            versions[real] = python_version(real)
+        if versions[real]:
+            interpreters.append((path, versions[real]))
+    return interpreters      # type: ignore[return-value]
+
+
+def installed_packages(user_base: str | None) -> list[dict[str, str]]:
+    """The distributions in ``user_base`` (name, version and the Python they are for),
+    read from their ``*.dist-info/METADATA``."""
+    packages = []
+    lib = os.path.join(user_base or "", "lib")
+    for python in sorted(os.listdir(lib)) if user_base and os.path.isdir(lib) else ():
+        site = os.path.join(lib, python, "site-packages")
+        for entry in sorted(os.listdir(site)) if os.path.isdir(site) else ():
+            if entry.endswith(".dist-info"):
+                metadata = _metadata(os.path.join(site, entry, "METADATA"))
+                if metadata.get("Name"):
+                    packages.append({"name": metadata["Name"],
+                                     "version": metadata.get("Version", ""),
+                                     "python": python.removeprefix("python")})
+    return packages
+
+
+def _metadata(path: str) -> Message:
+    """The headers of a METADATA file (its first 64 KiB; an empty Message if unreadable)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64 * 1024).split(b"\n\n", 1)[0]
+    except OSError:
+        return Message()
+    return email.parser.BytesHeaderParser().parsebytes(head)
 
 
 def cgroup_version(root: str = CGROUP_ROOT) -> int:
@@ -1884,13 +1979,9 @@ def warm_modes(python: str) -> str:
     """The modes in which a warm jail of ``python`` (a host path) runs exactly as a cold
     start: from 3.13 on, a -c program (the warm jail's bootstrap) loads linecache and
     what it imports, which a script or -m start does not; those then start cold."""
-    try:
-        out = subprocess.run([python, "-I", "-S", "-c",
-                              "import sys; print(sys.version_info >= (3, 13))"],
-                             capture_output=True, text=True, timeout=10, env={})
-    except (OSError, subprocess.TimeoutExpired):
-        return "c"
-    return "cms" if out.stdout.strip() == "False" else "c"
+    version = python_version(python)
+    return "cms" if version and version < (3, 13) else "c"
+
 
 class WarmJail:
     """A jail with its interpreter started, waiting for one job; single use.
@@ -2477,10 +2568,49 @@ def _json_type(value: object) -> str:
     return names.get(type(value), type(value).__name__)
 
 
-def _json_files(raw_files: object, limit: int) -> list[File]:
+class Field(NamedTuple):
+    """A field of a ``POST /eval`` body: its JSON types, what the error says it must
+    be, and what it does."""
+
+    types: tuple[str, ...]
+    must_be: str
+    doc: str
+
+
+# The one description of the POST /eval body: parse_eval_request checks each field's
+# type from it, and /openapi.json is made from it.
+EVAL_FIELDS = {
+    "input": Field(("string",), "a string",
+                   "Code: runs as `python3 -c <input>`, appended to `args`."),
+    "args": Field(("array",), "an array of strings",
+                  'Interpreter arguments, e.g. ["-m", "timeit", "1+1"]; ["-c"] by default '
+                  "when `input` is given. At least one of `input` and `args` is required."),
+    "stdin": Field(("string",), "a string", "Text fed to the program's standard input."),
+    "files": Field(("array",), "an array",
+                   "Files written to /home before the run: a path relative to /home and "
+                   "the content in base64."),
+    "executable_path": Field(("string", "null"), "a string",
+                             "Another interpreter in the jail (GET /info lists them)."),
+    "limits": Field(("object",), "an object",
+                    "Lower limits for this evaluation, each at most the server's."),
+    "stderr": Field(("boolean",), "true or false",
+                    "true: standard error comes apart from standard output, as `stderr`."),
+}
+_JSON_TYPES = {"string": str, "array": list, "object": dict, "boolean": bool,
+               "null": type(None)}
+
+
+def _field(data: dict[str, Any], name: str, default: Any) -> Any:
+    """The ``name`` field of ``data`` (``default`` when absent), of its JSON type."""
+    value = data.get(name, default)
+    field = EVAL_FIELDS[name]
+    if not isinstance(value, tuple(_JSON_TYPES[t] for t in field.types)):
+        raise InvalidRequest(400, f"{name} must be {field.must_be}, not {_json_type(value)}")
+    return value
+
+
+def _json_files(raw_files: list[Any], limit: int) -> list[File]:
     """The ``files`` of a request body as Files, their content decoded from base64."""
-    if not isinstance(raw_files, list):
-        raise InvalidRequest(400, f"files must be an array, not {_json_type(raw_files)}")
     if len(raw_files) > limit:
         raise InvalidRequest(400, f"files: at most {limit} files")
     files = []
@@ -2499,9 +2629,6 @@ def _json_files(raw_files: object, limit: int) -> list[File]:
     return files
 
 
-EVAL_FIELDS = ("input", "args", "stdin", "files", "executable_path", "limits", "stderr")
-
-
 def parse_eval_request(body: bytes | bytearray, files_limit: int = DEFAULT_FILES_LIMIT,
                        caps: Limits | None = None) -> EvalRequest:
     """Validate a ``POST /eval`` body; raise InvalidRequest naming the bad field.
@@ -2513,18 +2640,16 @@ def parse_eval_request(body: bytes | bytearray, files_limit: int = DEFAULT_FILES
     data = _json_object(body)
     if "input" not in data and "args" not in data:
         raise InvalidRequest(400, "input or args is required")
-    args = data.get("args", ["-c"] if "input" in data else None)
-    if not isinstance(args, list):
-        raise InvalidRequest(400, f"args must be an array of strings, not {_json_type(args)}")
+    args = _field(data, "args", ["-c"] if "input" in data else None)
     args = [_string(a, f"args[{i}]", nul_ok=True) for i, a in enumerate(args)]
     if "input" in data:
-        args.append(_string(data["input"], "input", nul_ok=True))
-    stdin = _string(data.get("stdin", ""), "stdin", nul_ok=True).encode("utf-8")
-    executable = data.get("executable_path")
+        args.append(_string(_field(data, "input", ""), "input", nul_ok=True))
+    stdin = _string(_field(data, "stdin", ""), "stdin", nul_ok=True).encode("utf-8")
+    executable = _field(data, "executable_path", None)
     if executable is not None:
         executable = _string(executable, "executable_path")
-    files = check_files(_json_files(data.get("files", []), files_limit), files_limit)
-    limits, stderr = _options(data)
+    files = check_files(_json_files(_field(data, "files", []), files_limit), files_limit)
+    limits, stderr = _field(data, "limits", {}), _field(data, "stderr", False)
     if caps is not None:
         check_limits(limits, caps)
     ignored = [name for name in data if name not in EVAL_FIELDS]
@@ -2546,17 +2671,6 @@ def _json_object(body: bytes | bytearray) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InvalidRequest(400, f"the body must be a JSON object, not {_json_type(data)}")
     return data
-
-
-def _options(data: dict[str, Any]) -> tuple[dict[str, float], bool]:
-    """The request's ``limits`` and ``stderr``, checked for their types."""
-    limits = data.get("limits", {})
-    if not isinstance(limits, dict):
-        raise InvalidRequest(400, f"limits must be an object, not {_json_type(limits)}")
-    stderr = data.get("stderr", False)
-    if not isinstance(stderr, bool):
-        raise InvalidRequest(400, f"stderr must be true or false, not {_json_type(stderr)}")
-    return limits, stderr
 
 
 class WorkerSlots:
@@ -2605,21 +2719,22 @@ class WorkerSlots:
         ticket = object()
         with self._cond:
             if self._closed:
-                raise Busy("the server is stopping")
+                raise Busy("the server is stopping", "stopping")
             if len(self._queue) >= self.max_queue:
                 raise Busy(f"all {self.workers} workers are busy and the queue of "
-                           f"{self.max_queue} is full; try again")
+                           f"{self.max_queue} is full; try again", "queue_full")
             self._queue.append(ticket)
             try:
                 deadline = time.monotonic() + (self.max_wait or float("inf"))
                 while not (self._queue[0] is ticket and self._slots.acquire(blocking=False)):
                     remaining = deadline - time.monotonic()
                     if self._closed:
-                        raise Busy("the server is stopping")
+                        raise Busy("the server is stopping", "stopping")
                     if remaining <= 0:
-                        raise Busy(f"no worker was free within --max-wait {self.max_wait:g} s")
+                        raise Busy(f"no worker was free within --max-wait {self.max_wait:g} s",
+                                   "max_wait")
                     if gone():
-                        raise Busy("the client went away")
+                        raise Busy("the client went away", "client_gone")
                     self._cond.wait(min(remaining, 0.5))
                 self._running += 1
             finally:
@@ -2654,18 +2769,353 @@ class BodyBudget:
         with self._lock:
             self.used -= size
 
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+REJECTION_CAUSES = ("queue_full", "max_wait", "stopping", "client_gone", "body_memory",
+                    "connections", "sandbox")
+
+
+class Histogram:
+    """Observations counted in buckets by upper bound, as Prometheus histograms are."""
+
+    def __init__(self, bounds: Sequence[float] = DURATION_BUCKETS):
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)     # the last: above every bound
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def samples(self, name: str) -> Iterable[str]:
+        """The exposition lines of the buckets, their sum and count."""
+        total = 0
+        for bound, count in zip((*self.bounds, math.inf), self.counts):
+            total += count
+            yield f'{name}_bucket{{le="{"+Inf" if bound == math.inf else bound}"}} {total}'
+        yield f"{name}_sum {self.sum:.6f}"
+        yield f"{name}_count {total}"
+
+
+def _labels(**labels: object) -> str:
+    """Prometheus labels, their values escaped."""
+    escaped = (str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+               for v in labels.values())
+    return "{" + ",".join(f'{k}="{v}"' for k, v in zip(labels, escaped)) + "}"
+
+
+class Metrics:
+    """What the server has done since it started, for ``GET /metrics``; thread-safe.
+
+    Paths outside the route table count as one, "other", so that no client can make
+    the exposition grow.
+    """
+
+    def __init__(self, paths: Iterable[str]):
+        self.paths = frozenset(paths)
+        self._lock = threading.Lock()
+        self.requests: collections.Counter[tuple[str, int]] = collections.Counter()
+        self.evaluations = collections.Counter(
+            {(status, jail): 0 for status in STATUSES for jail in ("warm", "cold")})
+        self.rejections = collections.Counter(dict.fromkeys(REJECTION_CAUSES, 0))
+        self.bytes_in = self.bytes_out = 0
+        self.evaluation_seconds = Histogram()
+        self.queue_seconds = Histogram()
+
+    def count_request(self, path: str, status: int, received: int, sent: int) -> None:
+        with self._lock:
+            self.requests[path if path in self.paths else "other", status] += 1
+            self.bytes_in += received
+            self.bytes_out += sent
+
+    def count_evaluation(self, result: EvalResult) -> None:
+        with self._lock:
+            self.evaluations[result.status, "warm" if result.warm else "cold"] += 1
+            self.evaluation_seconds.observe(result.duration)
+
+    def count_wait(self, seconds: float) -> None:
+        with self._lock:
+            self.queue_seconds.observe(seconds)
+
+    def count_rejection(self, cause: str) -> None:
+        with self._lock:
+            self.rejections[cause] += 1
+
+    def exposition(self, gauges: dict[str, tuple[str, float]]) -> str:
+        """The text format (version 0.0.4) of every metric, and of ``gauges``: a name's
+        help text and value."""
+        with self._lock:
+            families = [
+                ("snekbox_http_requests_total", "counter", "HTTP requests answered",
+                 [f"{_labels(path=p, status=s)} {n}" for (p, s), n in sorted(self.requests.items())]),
+                ("snekbox_evaluations_total", "counter", "evaluations by how they ended",
+                 [f"{_labels(status=s, jail=j)} {n}" for (s, j), n in sorted(self.evaluations.items())]),
+                ("snekbox_rejected_requests_total", "counter", "503 answers by cause",
+                 [f"{_labels(cause=c)} {n}" for c, n in sorted(self.rejections.items())]),
+                ("snekbox_http_request_body_bytes_total", "counter", "request body bytes read",
+                 [f" {self.bytes_in}"]),
+                ("snekbox_http_response_bytes_total", "counter", "answer body bytes sent",
+                 [f" {self.bytes_out}"]),
+            ]
+            histograms = [
+                ("snekbox_evaluation_duration_seconds", "seconds from request to result",
+                 list(self.evaluation_seconds.samples("snekbox_evaluation_duration_seconds"))),
+                ("snekbox_queue_wait_seconds", "seconds a request waited for a worker",
+                 list(self.queue_seconds.samples("snekbox_queue_wait_seconds"))),
+            ]
+        lines = [f'snekbox_build_info{_labels(version=__version__)} 1']
+        lines[:0] = ["# HELP snekbox_build_info the version of snekbox",
+                     "# TYPE snekbox_build_info gauge"]
+        for name, kind, text, samples in families:
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}",
+                      *(name + sample for sample in samples)]
+        for name, text, samples in histograms:
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} histogram", *samples]
+        for name, (text, value) in gauges.items():
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} gauge", f"{name} {value:g}"]
+        return "\n".join(lines) + "\n"
+
+
+MIN_TOKEN_LENGTH = 16
+_B64TOKEN = re.compile(r"[A-Za-z0-9._~+/-]+=*")    # RFC 6750's token characters
+
+
+class BearerTokens:
+    """The tokens clients may present (``--token-file``: one a line, ``#`` comments),
+    kept only as SHA-256 digests; ``reload`` reads the file again (on SIGHUP)."""
+
+    def __init__(self, path: str):
+        # Imported here: hashlib loads OpenSSL's libcrypto, megabytes that a server
+        # without tokens need not hold.
+        import hashlib
+        import hmac
+        self._sha256, self._same = hashlib.sha256, hmac.compare_digest
+        self.path = path
+        self._digests = self._read()
+
+    def _read(self) -> tuple[bytes, ...]:
+        """The digests of the file's tokens; SetupError naming the first bad line."""
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                lines = f.read(1 * MiB).splitlines()
+                shared = os.fstat(f.fileno()).st_mode & 0o007
+        except (OSError, UnicodeDecodeError) as e:
+            raise SetupError(f"cannot read the token file {self.path}: "
+                             f"{getattr(e, 'strerror', None) or e}") from None
+        digests = []
+        for number, line in enumerate(lines, 1):
+            token = line.strip()
+            if not token or token.startswith("#"):
+                continue
+            if not _B64TOKEN.fullmatch(token) or len(token) < MIN_TOKEN_LENGTH:
+                raise SetupError(f"{self.path}, line {number}: a token must be at least "
+                                 f"{MIN_TOKEN_LENGTH} characters of A-Z a-z 0-9 - . _ ~ + / "
+                                 "(e.g. from: openssl rand -hex 32)")
+            digests.append(self._sha256(token.encode("ascii")).digest())
+        if not digests:
+            raise SetupError(f"the token file {self.path} holds no token")
+        if shared:
+            log.warning("every user of this host can read the token file %s: chmod o= it",
+                        self.path)
+        return tuple(digests)
+
+    def __len__(self) -> int:
+        return len(self._digests)
+
+    def reload(self) -> None:
+        """Read the file again; if it is unusable now, the tokens had so far stay."""
+        try:
+            self._digests = self._read()
+        except SetupError as e:
+            log.error("%s; the %d tokens read before stay in force", e, len(self))
+            return
+        log.info("read %d token%s from %s", len(self), "" if len(self) == 1 else "s",
+                 self.path)
+
+    def allow(self, authorization: str | None) -> bool:
+        """Whether an Authorization header's value holds one of the tokens. Every
+        token's digest is compared, in constant time, whatever matches."""
+        scheme, _, token = (authorization or "").strip().partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        digest = self._sha256(token.strip().encode("utf-8", "surrogateescape")).digest()
+        return sum(self._same(digest, known) for known in self._digests) > 0
+
+
+def service_info(settings: Settings, sandbox: Sandbox) -> dict[str, Any]:
+    """What ``GET /info`` tells a client: the version, the interpreters (the config's
+    default first) and packages in the jail, the limits and the capacity. Found once,
+    at start-up: the interpreters are asked for their versions."""
+    caps, config = sandbox.caps, sandbox.config
+    return {
+        "version": __version__,
+        "interpreters": [{"path": path, "version": ".".join(map(str, version)),
+                          "default": path == config.exec_path}
+                         for path, version in find_interpreters(config)],
+        "limits": {"time": caps.time, "memory": caps.memory, "processes": caps.processes,
+                   "output": caps.output, "cpu_ms_per_sec": config.cpu_ms_per_sec,
+                   "memfs": settings.memfs_size, "files": settings.files_limit,
+                   "request_size": settings.max_request_size, "args": MAX_ARGS_TOTAL},
+        "workers": settings.workers, "max_queue": settings.queue_limit,
+        "max_wait": settings.max_wait, "warm_jails": settings.prewarm,
+        "packages": installed_packages(settings.user_base),
+    }
+
+
+# Base64 as the files' content may come: line breaks and spaces anywhere (b64decode
+# after _SPACES is taken out).
+BASE64_PATTERN = (r"^[ \t\r\n]*(?:(?:[A-Za-z0-9+/][ \t\r\n]*){4})*"
+                  r"(?:(?:[A-Za-z0-9+/][ \t\r\n]*){2}=[ \t\r\n]*=|"
+                  r"(?:[A-Za-z0-9+/][ \t\r\n]*){3}=)?[ \t\r\n]*$")
+
+
+def _object(properties: dict[str, Any], optional: Iterable[str] = ()) -> dict[str, Any]:
+    """The JSON Schema of an object with exactly these properties, all but ``optional``
+    required."""
+    return {"type": "object", "properties": properties, "additionalProperties": False,
+            "required": [name for name in properties if name not in optional]}
+
+
+def _eval_request_schema(files_limit: int, caps: Limits) -> dict[str, Any]:
+    """The JSON Schema of a ``POST /eval`` body, from EVAL_FIELDS and the server's caps."""
+    properties: dict[str, Any] = {
+        name: {"type": list(field.types) if len(field.types) > 1 else field.types[0],
+               "description": field.doc} for name, field in EVAL_FIELDS.items()}
+    properties["args"]["items"] = {"type": "string"}
+    properties["files"].update(maxItems=files_limit, items={
+        **_object({"path": {"type": "string"},
+                   "content": {"type": "string", "contentEncoding": "base64",
+                               "pattern": BASE64_PATTERN}}, ["content"]),
+        "additionalProperties": True})
+    properties["limits"].update(additionalProperties=False, properties={
+        name: {"type": "number" if name == "time" else "integer", "exclusiveMinimum": 0,
+               "description": unit, **({"maximum": cap} if (cap := getattr(caps, name)) else {})}
+        for name, unit in LIMIT_NAMES.items()})
+    return {"type": "object", "properties": properties,
+            "anyOf": [{"required": ["input"]}, {"required": ["args"]}]}
+
+
+def _eval_result_schema() -> dict[str, Any]:
+    """The JSON Schema of an evaluation's answer (EvalResult.to_json and warnings)."""
+    number, text = {"type": "number"}, {"type": "string"}
+    usage = _object({"wall": number, "cpu": {"type": ["number", "null"]},
+                     "memory": {"type": ["integer", "null"]}})
+    file = _object({"path": text, "size": {"type": "integer"},
+                    "content": {**text, "contentEncoding": "base64"}})
+    return _object({
+        "stdout": text, "stderr": text, "returncode": {"type": ["integer", "null"]},
+        "timed_out": {"type": "boolean"}, "truncated": {"type": "boolean"},
+        "duration": number, "error": {"type": ["string", "null"]},
+        "status": {"enum": list(STATUSES)}, "usage": {"oneOf": [usage, {"type": "null"}]},
+        "warnings": {"type": "array", "items": text},
+        "files": {"type": "array", "items": file}}, optional=("stderr", "warnings"))
+
+
+def _info_schema() -> dict[str, Any]:
+    """The JSON Schema of ``GET /info`` (service_info)."""
+    count, text = {"type": "integer", "minimum": 0}, {"type": "string"}
+    return _object({
+        "version": text, "warm_jails": count, "warm_jails_ready": count,
+        "interpreters": {"type": "array", "items": _object(
+            {"path": text, "version": text, "default": {"type": "boolean"}})},
+        "limits": _object({name: {"type": "number", "minimum": 0} for name in (
+            *LIMIT_NAMES, "cpu_ms_per_sec", "memfs", "files", "request_size", "args")}),
+        "workers": count, "max_queue": count, "max_wait": {"type": "number"},
+        "packages": {"type": "array", "items": _object(
+            {"name": text, "version": text, "python": text})}})
+
+
+def _health_schema() -> dict[str, Any]:
+    count = {"type": "integer", "minimum": 0}
+    return _object({"status": {"enum": ["ok", "starting", "stopping"]},
+                    "ready": {"type": "boolean"}, "version": {"type": "string"},
+                    "workers": count, "running": count, "waiting": count,
+                    "max_queue": count, "warm": count})
+
+
+# What each path may answer besides 200, and what a 200 of it holds.
+_ERRORS = {"/eval": (400, 403, 408, 411, 413, 415, 431, 501, 503),
+           "/health": (400, 431, 503)}
+_OPERATIONS = {
+    "/eval": ("Run code in a fresh jail", "EvalResult", "application/json"),
+    "/health": ("Whether the server takes requests (503 while starting or stopping)",
+                "Health", "application/json"),
+    "/info": ("The version, interpreters, packages, limits and capacity", "Info",
+              "application/json"),
+    "/metrics": ("Counters and gauges in the Prometheus text format", None,
+                 "text/plain; version=0.0.4; charset=utf-8"),
+    "/openapi.json": ("This document", None, "application/json"),
+}
+
+
+def openapi_document(routes: dict[str, dict[str, str]], protected: Iterable[str],
+                     settings: Settings, caps: Limits) -> dict[str, Any]:
+    """The OpenAPI 3.1 description of the API as this server runs it: its paths, the
+    body and answer schemas made from the definitions the code checks with, its
+    limits, and the token the ``protected`` paths need (when it has tokens)."""
+    schemas = {"EvalRequest": _eval_request_schema(settings.files_limit, caps),
+               "EvalResult": _eval_result_schema(), "Info": _info_schema(),
+               "Health": _health_schema(),
+               "Error": _object({"title": {"type": "string"},
+                                 "description": {"type": "string"}})}
+    paths: dict[str, Any] = {}
+    for path, methods in routes.items():
+        summary, schema, content_type = _OPERATIONS[path]
+        body = {"$ref": f"#/components/schemas/{schema}"} if schema else \
+            {"type": "object"} if content_type == "application/json" else {"type": "string"}
+        responses: dict[str, Any] = {"200": {"description": "OK",
+                                             "content": {content_type: {"schema": body}}}}
+        errors = set(_ERRORS.get(path, (400, 431)))
+        if path in protected:
+            errors.add(401)
+        for status in sorted(errors):
+            responses[str(status)] = {
+                "description": HTTPStatus(status).phrase,
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+        for method in methods:
+            if method == "HEAD":
+                continue
+            operation: dict[str, Any] = {"summary": summary, "responses": responses}
+            if method == "POST":
+                operation["requestBody"] = {"required": True, "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/EvalRequest"}}}}
+            if path in protected:
+                operation["security"] = [{"bearer": []}]
+            paths.setdefault(path, {})[method.lower()] = operation
+    document: dict[str, Any] = {
+        "openapi": "3.1.0",
+        "info": {"title": "snekbox", "version": __version__,
+                 "description": "Runs Python code in an nsjail sandbox."},
+        "paths": paths, "components": {"schemas": schemas}}
+    if protected:
+        document["components"]["securitySchemes"] = {"bearer": {"type": "http",
+                                                                "scheme": "bearer"}}
+    return document
+
+
 class SnekboxServer(ThreadingHTTPServer):
-    """The HTTP server: a thread per connection, at most ``max_connections`` of them."""
+    """The HTTP server: a thread per connection, at most ``max_connections`` of them.
+
+    ``tokens``, if given, are what a client must present for the protected paths.
+    """
 
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, settings: Settings, sandbox: Sandbox):
+    def __init__(self, settings: Settings, sandbox: Sandbox,
+                 tokens: BearerTokens | None = None):
         if ":" in settings.host:
             self.address_family = socket.AF_INET6
         self.settings = settings
         self.sandbox = sandbox
+        self.tokens = tokens
+        self.info = service_info(settings, sandbox)
+        self.metrics = Metrics(SnekboxHandler.ROUTES)
+        # The paths that need a token (none without tokens).
+        self.protected = frozenset() if tokens is None else SnekboxHandler.PROTECTED | (
+            {"/metrics"} if settings.protect_metrics else set())
+        self.openapi = openapi_document(SnekboxHandler.ROUTES, self.protected, settings,
+                                        sandbox.caps)
         self.slots = WorkerSlots(settings.workers, settings.queue_limit, settings.max_wait)
         self.bodies = BodyBudget(settings.body_budget)
         self.self_tested = False    # until the start-up self-test has passed
@@ -2683,6 +3133,7 @@ class SnekboxServer(ThreadingHTTPServer):
                         client_address: tuple[str, int]) -> None:
         if not self._connections.acquire(blocking=False):
             # Over the cap: answer at once instead of starting another thread.
+            self.metrics.count_rejection("connections")
             try:
                 request.setblocking(False)
                 request.send(_raw_busy_response("too many open connections"))
@@ -2698,6 +3149,12 @@ class SnekboxServer(ThreadingHTTPServer):
             super().process_request_thread(request, client_address)
         finally:
             self._connections.release()
+
+
+def _resident_memory() -> int:
+    """This process's resident memory in bytes."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _json_bytes(data: dict[str, Any]) -> bytes:
@@ -2809,6 +3266,7 @@ def is_chunked(headers: Message) -> bool:
 
 # Errors after which a body not read yet can't be trusted to end where it says.
 CLOSING_ERRORS = frozenset((400, 408, 411, 413, 415, 501))
+_METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")     # RFC 9110's token
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
@@ -2900,7 +3358,14 @@ class SnekboxHandler(BaseHTTPRequestHandler):
     server: SnekboxServer
 
     # The handler of each method on each path.
-    ROUTES = {"/eval": {"POST": "_eval"}, "/health": {"GET": "_health", "HEAD": "_health"}}
+    ROUTES = {"/eval": {"POST": "_eval"}, "/health": {"GET": "_health", "HEAD": "_health"},
+              "/info": {"GET": "_info", "HEAD": "_info"},
+              "/metrics": {"GET": "_metrics", "HEAD": "_metrics"},
+              "/openapi.json": {"GET": "_openapi", "HEAD": "_openapi"}}
+    # Paths that need a token when the server has tokens (and /metrics with
+    # --protect-metrics); the others are for probes and tools.
+    PROTECTED = frozenset(("/eval", "/info"))
+    QUIET = frozenset(("/health", "/metrics"))      # probes and scrapes: logged at DEBUG
 
     def version_string(self) -> str:
         return self.server_version
@@ -2945,16 +3410,17 @@ class SnekboxHandler(BaseHTTPRequestHandler):
         except OSError:
             return False
 
-    # One method for every verb: the route table decides what's allowed.
-    def do_GET(self) -> None:
-        self._handle()
-
-    do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_GET
+    # One handler for every method, known or new (QUERY, say): the route table decides
+    # what's allowed, and a method it doesn't list gets a 405, not http.server's 501.
+    def __getattr__(self, name: str) -> Callable[[], None]:
+        if name.startswith("do_"):
+            return self._handle
+        raise AttributeError(name)
 
     def _handle(self) -> None:
         started = time.monotonic()
         self._status, self._size, self._body_read, self._body_held = 0, 0, False, 0
-        self._note = ""
+        self._note, self._received = "", 0
         self.request_id = request_id(self.headers.get("X-Request-Id"))
         try:
             self._route()
@@ -2972,10 +3438,26 @@ class SnekboxHandler(BaseHTTPRequestHandler):
             if not self._body_read and _has_body(self.headers):
                 self.close_connection = True    # what is left can't be taken for a request
             self.server.bodies.give_back(self._body_held)
-            log.info('%s "%s %s" %d %d %.1fms id=%s%s', self.client_address[0], self.command,
-                     _printable(self.path[:200]), self._status, self._size,
-                     (time.monotonic() - started) * 1000, self.request_id,
-                     f' reason="{_printable(self._note[:200])}"' if self._note else "")
+            self._log_access(f"{self.command} {self.path}", started)
+
+    def _log_access(self, request: str, started: float) -> None:
+        """Count the request in the metrics and log it: its client, request line,
+        status, answer size, time, id and, for an error, why."""
+        path = getattr(self, "path", "").split("?", 1)[0]
+        self.server.metrics.count_request(path, self._status, self._received, self._size)
+        level = logging.DEBUG if path in self.QUIET else logging.INFO
+        if not log.isEnabledFor(level):
+            return
+        fields = {"client": self.client_address[0], "request": _printable(request[:200]),
+                  "status": self._status, "size": self._size,
+                  "ms": round((time.monotonic() - started) * 1000, 1), "id": self.request_id}
+        reason = ""
+        if self._note:
+            fields["reason"] = _printable(self._note[:200])
+            reason = f' reason="{fields["reason"]}"'
+        log.log(level, '%s "%s" %d %d %.1fms id=%s%s', fields["client"], fields["request"],
+                self._status, self._size, fields["ms"], self.request_id, reason,
+                extra={"fields": fields})
 
     def _abort(self) -> None:
         """Close with a reset, at once: a client that stopped reading leaves nothing
@@ -2995,6 +3477,8 @@ class SnekboxHandler(BaseHTTPRequestHandler):
             pass    # the rest of an answer that its client stopped reading
 
     def _route(self) -> None:
+        if not _METHOD.fullmatch(self.command):
+            raise InvalidRequest.http(400, "the request's method is not a valid token")
         path = self.path.split("?", 1)[0]
         methods = self.ROUTES.get(path)
         if methods is None:
@@ -3006,16 +3490,54 @@ class SnekboxHandler(BaseHTTPRequestHandler):
         handler = methods.get(self.command)
         if handler is None:
             raise InvalidRequest.http(405, f"{path} takes {' or '.join(methods)}", allowed)
+        self._authorize(path)
         getattr(self, handler)()
+
+    def _authorize(self, path: str) -> None:
+        """InvalidRequest (401) unless the request may use ``path``: the path needs no
+        token (or the server has none), or the request has one."""
+        tokens = self.server.tokens
+        if tokens is None or path not in self.server.protected:
+            return
+        sent = self.headers.get("Authorization")
+        if tokens.allow(sent):
+            return
+        challenge = 'Bearer realm="snekbox"' + (', error="invalid_token"' if sent else "")
+        raise InvalidRequest.http(401, f"{path} needs a token: send Authorization: Bearer "
+                                       "<token>" + (" with a valid token" if sent else ""),
+                                  {"WWW-Authenticate": challenge})
 
     def _health(self) -> None:
         slots = self.server.slots
         ready = self.server.self_tested and not self.server.stopping
         status = "ok" if ready else "stopping" if self.server.stopping else "starting"
         self.send_json(200 if ready else 503, {
-            "status": status, "ready": ready,
+            "status": status, "ready": ready, "version": __version__,
             "workers": slots.workers, "running": slots.running, "waiting": slots.waiting,
             "max_queue": slots.max_queue, "warm": self.server.sandbox.warm_jails})
+
+    def _info(self) -> None:
+        self.send_json(200, {**self.server.info, "warm_jails_ready":
+                             self.server.sandbox.warm_jails})
+
+    def _metrics(self) -> None:
+        slots, sandbox = self.server.slots, self.server.sandbox
+        text = self.server.metrics.exposition({
+            "snekbox_evaluations_running": ("evaluations running now", slots.running),
+            "snekbox_evaluations_waiting": ("requests waiting for a worker", slots.waiting),
+            "snekbox_workers": ("evaluations that may run at once", slots.workers),
+            "snekbox_warm_jails_ready": ("warm jails ready for an evaluation",
+                                         sandbox.warm_jails),
+            "snekbox_request_body_bytes_held": ("request body bytes held in memory now",
+                                                self.server.bodies.used),
+            "process_resident_memory_bytes": ("the server's resident memory (RSS)",
+                                              _resident_memory()),
+        }).encode("utf-8")
+        self._send_answer(200, len(text), (text,),
+                          content_type="text/plain; version=0.0.4; charset=utf-8")
+
+    def _openapi(self) -> None:
+        self.send_json(200, self.server.openapi)
 
     def _eval(self) -> None:
         # A web page can POST here from a browser without asking (no Content-Type is
@@ -3040,10 +3562,13 @@ class SnekboxHandler(BaseHTTPRequestHandler):
             self.server.slots.release()
 
     def _take_slot(self) -> None:
+        queued = time.monotonic()
         try:
             self.server.slots.acquire(gone=lambda: _peer_gone(self.connection))
         except Busy as e:
+            self.server.metrics.count_rejection(e.cause)
             raise InvalidRequest.http(503, str(e), {"Retry-After": "1"}) from None
+        self.server.metrics.count_wait(time.monotonic() - queued)
 
     def _run(self, request: EvalRequest) -> None:
         """Run ``request`` in the sandbox; answer as soon as the result is known."""
@@ -3056,17 +3581,24 @@ class SnekboxHandler(BaseHTTPRequestHandler):
                 answer=lambda result: self._answer(result, warnings))
         except SandboxUnavailable as e:
             log.error("%s", e)
+            self.server.metrics.count_rejection("sandbox")
             raise InvalidRequest.http(503, str(e), {"Retry-After": "1"}) from None
 
     def _answer(self, result: EvalResult, warnings: list[str]) -> None:
-        """Log the evaluation and send its answer (unless its client went away)."""
+        """Count and log the evaluation, and send its answer (unless its client went
+        away)."""
+        self.server.metrics.count_evaluation(result)
         usage = result.usage or Usage(0.0, None, None)
+        fields = {"id": self.request_id, "status": result.status,
+                  "returncode": result.returncode, "jail": "warm" if result.warm else "cold",
+                  **usage.to_json(), "duration": round(result.duration, 4),
+                  "error": result.error}
         log.info("evaluation id=%s status=%s returncode=%s %s wall=%.3fs cpu=%s memory=%s "
                  "duration=%.3fs%s", self.request_id, result.status, result.returncode,
-                 "warm" if result.warm else "cold", usage.wall,
+                 fields["jail"], usage.wall,
                  "-" if usage.cpu is None else f"{usage.cpu:.3f}s",
                  "-" if usage.memory is None else usage.memory, result.duration,
-                 f" error={result.error!r}" if result.error else "")
+                 f" error={result.error!r}" if result.error else "", extra={"fields": fields})
         if result.status == "cancelled":
             self.close_connection = True
             return      # nobody to answer
@@ -3087,12 +3619,13 @@ class SnekboxHandler(BaseHTTPRequestHandler):
         read, readline = _in_time(self._buffered.read), _in_time(self._buffered.readline)
         body = read_chunked(read, readline, limit, self._hold_body) if chunked \
             else read_exactly(read, length or 0, self._hold_body)
-        self._body_read = True
+        self._body_read, self._received = True, len(body)
         return body
 
     def _hold_body(self, size: int) -> None:
         """Count ``size`` more bytes of body against the server's budget, or refuse."""
         if not self.server.bodies.take(size):
+            self.server.metrics.count_rejection("body_memory")
             raise InvalidRequest.http(503, "the server holds as many request bodies as it "
                                            "may; try again", {"Retry-After": "1"})
         self._body_held += size
@@ -3104,8 +3637,10 @@ class SnekboxHandler(BaseHTTPRequestHandler):
         self._send_answer(status, len(body), (body,), headers)
 
     def _send_answer(self, status: int, length: int, pieces: Iterable[bytes],
-                     headers: dict[str, str] | None = None) -> None:
-        """Send a JSON answer of ``length`` bytes, made of ``pieces``.
+                     headers: dict[str, str] | None = None,
+                     content_type: str = "application/json") -> None:
+        """Send an answer (JSON unless said otherwise) of ``length`` bytes, made of
+        ``pieces``.
 
         A client must take each piece within client_timeout and the whole at
         MIN_ANSWER_RATE (it holds a worker meanwhile), or the connection is closed: once
@@ -3114,7 +3649,7 @@ class SnekboxHandler(BaseHTTPRequestHandler):
         deadline = time.monotonic() + self.client_timeout + length / MIN_ANSWER_RATE
         self.connection.settimeout(self.client_timeout)    # the read deadline may be spent
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(length))
         self.send_header("X-Request-Id", self.request_id)
         for name, value in (headers or {}).items():
@@ -3171,6 +3706,7 @@ class SnekboxHandler(BaseHTTPRequestHandler):
 
     def parse_request(self) -> bool:
         self.request_id = request_id(None)
+        self.path = ""      # until this request's line is read: not the last one's
         try:
             ok = super().parse_request()
         finally:
@@ -3186,13 +3722,12 @@ class SnekboxHandler(BaseHTTPRequestHandler):
         if self.request_version == "HTTP/0.9":
             self.request_version = "HTTP/1.0"   # a status line and headers all the same
         self.close_connection = True
-        self._status, self._size, self._body_read = code, 0, True
+        self._status, self._size, self._body_read, self._received = code, 0, True, 0
         description = f"{message}: {explain}" if message and explain else message or explain
+        self._note = description or ""
         self._send_error(code, HTTPStatus(code).phrase,
                          description or HTTPStatus(code).description)
-        log.info('%s "%s" %d id=%s reason="%s"', self.client_address[0],
-                 _printable(getattr(self, "requestline", "")[:200]), code, self.request_id,
-                 _printable((description or "")[:200]))
+        self._log_access(getattr(self, "requestline", ""), time.monotonic())
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         pass    # _handle logs each request once it's answered
@@ -3232,6 +3767,9 @@ class Settings:
     max_body_memory: int = 0      # 0: 4 times max_request_size
     jail_uid_base: int = 0        # 0: a random block
     log_level: str = "INFO"
+    log_format: str = "text"
+    token_file: str | None = None
+    protect_metrics: bool = False
 
     def __init__(self, **values: Any):
         for name, value in values.items():
@@ -3283,6 +3821,11 @@ FLAGS = (
                         "per live jail; 0: a random block above 2001000000 (default)",
      0, 2**31 - 1 - JAIL_UID_BLOCK),
     ("--log-level", "DEBUG, INFO, WARNING or ERROR (default: %(default)s)", None, None),
+    ("--log-format", "text, or json: one JSON object a line (default: %(default)s)",
+     None, None),
+    ("--token-file", "file of bearer tokens, one a line: /eval and /info then need "
+                     "Authorization: Bearer <token>; read again on SIGHUP", None, None),
+    ("--protect-metrics", "/metrics needs a token too (with --token-file)", None, None),
 )
 
 
@@ -3301,6 +3844,13 @@ def _flag_type(kind: type, low: float | None, high: float | None) -> Callable[[s
         return value
     convert.__name__ = kind.__name__
     return convert
+
+def _switch(text: str) -> bool:
+    """An on/off flag's environment variable: 1, true, yes or on; 0, false, no or off."""
+    value = text.strip().lower()
+    if value not in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
+        raise argparse.ArgumentTypeError(f"{text!r} is not 1, true, yes, on, 0, false, no or off")
+    return value in ("1", "true", "yes", "on")
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -3321,15 +3871,21 @@ def build_arg_parser() -> argparse.ArgumentParser:
         name = flag[2:].replace("-", "_")
         default = getattr(defaults, name)
         env = "SNEKBOX_" + name.upper()
-        convert = str if default is None or isinstance(default, str) else \
+        convert = _switch if isinstance(default, bool) else \
+            str if default is None or isinstance(default, str) else \
             _flag_type(type(default), low, high)
         if env in os.environ:
             try:
                 default = convert(os.environ[env])
             except argparse.ArgumentTypeError as e:
                 p.env_errors.append(f"{env}: {e}")  # type: ignore[attr-defined]
-        p.add_argument(flag, type=convert, default=default, help=f"{help} [{env}]")
+        if convert is _switch:
+            p.add_argument(flag, action="store_true", default=default, help=f"{help} [{env}]")
+        else:
+            p.add_argument(flag, type=convert, default=default, help=f"{help} [{env}]")
+    p.add_argument("--version", action="version", version=f"snekbox {__version__}")
     return p
+
 
 
 def settings_from_args(argv: Sequence[str] | None = None) -> Settings:
@@ -3340,6 +3896,10 @@ def settings_from_args(argv: Sequence[str] | None = None) -> Settings:
     ns = parser.parse_args(argv)
     if ns.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         parser.error("--log-level must be DEBUG, INFO, WARNING or ERROR")
+    if ns.log_format not in ("text", "json"):
+        parser.error("--log-format must be text or json")
+    if ns.protect_metrics and not ns.token_file:
+        parser.error("--protect-metrics needs --token-file: without tokens nothing is protected")
     return Settings(**{**vars(ns), "log_level": ns.log_level.upper()})
 
 
@@ -3390,26 +3950,59 @@ def wait_for(stop: threading.Event) -> None:
         signal.signal(signum, signal.SIG_IGN)    # already stopping; bounded by the time limit
 
 
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object a line: time (UTC), level, logger and message, and the fields a
+    record carries (``extra={"fields": {...}}``), such as a request's status and id."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+                 + f".{int(record.msecs):03d}Z",
+                 "level": record.levelname, "logger": record.name,
+                 "message": record.getMessage(), **getattr(record, "fields", {})}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+def set_up_logging(settings: Settings) -> None:
+    """Log to stderr at ``settings.log_level``, as text or JSON lines."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLogFormatter() if settings.log_format == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=settings.log_level, handlers=[handler])
+    if settings.log_level != "DEBUG":
+        nsjail_log.setLevel(logging.WARNING)    # nsjail's INFO: a dozen lines per run
+
+
+def reload_on_sighup(tokens: BearerTokens | None) -> None:
+    """From now on SIGHUP reads the token file again (and no longer ends the process)."""
+    def reload(*_: object) -> None:
+        if tokens is None:
+            log.info("SIGHUP: there is no token file to read again")
+        else:
+            tokens.reload()
+    signal.signal(signal.SIGHUP, reload)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Start the server; return the exit status (0 after SIGTERM or SIGINT)."""
     settings = settings_from_args(argv)
-    logging.basicConfig(level=settings.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if settings.log_level != "DEBUG":
-        nsjail_log.setLevel(logging.WARNING)    # nsjail's INFO: a dozen lines per run
+    set_up_logging(settings)
     try:
+        tokens = BearerTokens(settings.token_file) if settings.token_file else None
         sandbox = sandbox_for(settings)
     except (SetupError, OSError) as e:
         log.critical("%s", e)
         return 1
     try:
-        server = SnekboxServer(settings, sandbox)
+        server = SnekboxServer(settings, sandbox, tokens)
     except OSError as e:
         log.critical("cannot listen on %s:%s: %s", settings.host, settings.port, e.strerror)
         sandbox.close()
         return 1
 
     stop = stop_on_signals()
+    reload_on_sighup(tokens)
     # Serve while the self-test runs, so that the first requests need not wait for it;
     # /health answers 503 until it has passed, and a failure stops everything.
     # The poll interval is how long a stop waits for the accepting loop to notice.
@@ -3424,9 +4017,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     server.self_tested = True
     release_free_memory()
     host, port = server.server_name, server.server_port
-    log.info("snekbox listening on http://%s:%d with %d worker%s (nsjail %s, cgroup v%d)",
-             f"[{host}]" if ":" in host else host, port, settings.workers,
-             "" if settings.workers == 1 else "s", sandbox.nsjail, sandbox.cgroups.version)
+    log.info("snekbox %s listening on http://%s:%d with %d worker%s (nsjail %s, cgroup v%d)%s",
+             __version__, f"[{host}]" if ":" in host else host, port, settings.workers,
+             "" if settings.workers == 1 else "s", sandbox.nsjail, sandbox.cgroups.version,
+             f", {len(tokens)} bearer token{'' if len(tokens) == 1 else 's'}" if tokens else "")
     wait_for(stop)
     log.info("stopping: finishing running evaluations")
     stop_server(server, sandbox)

@@ -1560,6 +1560,9 @@ class PackagesTests(ServerTestCase):
         os.makedirs(os.path.join(site, "snekpkg"))
         with open(os.path.join(site, "snekpkg", "__init__.py"), "w") as f:
             f.write("GREETING = 'hello from a package'\n")
+        os.makedirs(os.path.join(site, "snekpkg-1.2.3.dist-info"))
+        with open(os.path.join(site, "snekpkg-1.2.3.dist-info", "METADATA"), "w") as f:
+            f.write("Metadata-Version: 2.1\nName: snekpkg\nVersion: 1.2.3\n\nA package.\n")
         for folder, _, _ in os.walk(cls.user_base):
             os.chmod(folder, 0o755)
         # Writable by anyone: only the read-only mount may stop the jail writing to it.
@@ -1571,6 +1574,13 @@ class PackagesTests(ServerTestCase):
     def tearDownClass(cls) -> None:
         super().tearDownClass()
         shutil.rmtree(cls.user_base)
+
+    @local_only
+    def test_info_lists_the_packages(self):
+        status, _, info = self.server.request("GET", "/info")
+        self.assertEqual(status, 200)
+        self.assertEqual(info["packages"], [{"name": "snekpkg", "version": "1.2.3",
+                                             "python": jail_python_version()}])
 
     def test_package_imports_and_is_read_only(self):
         result = self.run_code("import snekpkg, site\nprint(snekpkg.GREETING)\n"
@@ -1589,6 +1599,16 @@ class ContainerTests(ServerTestCase):
                     args=["main.py"], executable_path=path,
                     files=[{"path": "main.py", "content": b64("import sys; print(sys.version_info[:2])")}])
                 self.assertEqual(result["stdout"], f"({version.replace('.', ', ')})\n")
+
+    def test_info_lists_the_images_interpreters(self):
+        status, _, info = self.server.request("GET", "/info")
+        self.assertEqual(status, 200)
+        versions = {i["path"]: i["version"] for i in info["interpreters"]}
+        for version in ("3.13", "3.14"):
+            with self.subTest(version=version):
+                self.assertTrue(versions[f"/snekbin/python/{version}/bin/python"].startswith(version + "."))
+        self.assertEqual([i["path"] for i in info["interpreters"] if i["default"]],
+                         ["/snekbin/python/default/bin/python"])
 
     # The interpreters python-discord's bot asks for, with the X.Y each must be and its
     # build (t: free-threaded, j: JIT); those two are optional (docker build --build-arg
@@ -2350,6 +2370,424 @@ def jail_groups(top: str = snekbox.CGROUP_ROOT) -> list[str]:
     for folder, subfolders, _ in os.walk(top):
         found += [os.path.join(folder, d) for d in subfolders if d.startswith("snekbox-jail-")]
     return found
+
+
+# --------------------------------------------------------------------------------------
+# Operating it: discovery, tokens, metrics, logs and the API's description
+# --------------------------------------------------------------------------------------
+
+_PROM_SAMPLE = re.compile(r'([a-zA-Z_:][a-zA-Z0-9_:]*)'
+                          r'(?:\{((?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*",?)*)\})?'
+                          r' (\S+)')
+_PROM_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"')
+_PROM_TYPES = ("counter", "gauge", "histogram", "summary", "untyped")
+
+
+def parse_exposition(text: str) -> tuple[dict[str, str], dict[tuple[str, frozenset], float]]:
+    """A Prometheus text exposition (format 0.0.4), checked by its rules: HELP and TYPE
+    at most once a family and before its samples, a family's samples together, valid
+    names, labels and values, no sample twice, histogram buckets cumulative up to
+    +Inf = _count. Returns the families' types and the samples."""
+    assert text.endswith("\n"), "the exposition must end with a line feed"
+    types: dict[str, str] = {}
+    helped: set[str] = set()
+    samples: dict[tuple[str, frozenset], float] = {}
+    finished: set[str] = set()
+    current = None
+    for line in text[:-1].split("\n"):
+        if line.startswith("# "):
+            keyword, name, rest = (line[2:].split(" ", 2) + [""])[:3]
+            assert keyword in ("HELP", "TYPE"), line
+            assert re.fullmatch(r"[a-zA-Z_:][a-zA-Z0-9_:]*", name), line
+            assert name not in finished and not any(k[0] == name for k in samples), \
+                f"{keyword} after samples of {name}"
+            if keyword == "TYPE":
+                assert name not in types and rest in _PROM_TYPES, line
+                types[name] = rest
+            else:
+                assert name not in helped, line
+                helped.add(name)
+            continue
+        match = _PROM_SAMPLE.fullmatch(line)
+        assert match, f"not a sample line: {line!r}"
+        name, labels, value = match.groups()
+        family = name if name in types else re.sub(r"_(bucket|sum|count)$", "", name)
+        assert family in types, f"no TYPE before {name}"
+        if family != current:
+            assert family not in finished, f"the samples of {family} are not together"
+            if current:
+                finished.add(current)
+            current = family
+        key = (name, frozenset(_PROM_LABEL.findall(labels or "")))
+        assert key not in samples, f"a sample twice: {line}"
+        samples[key] = float(value)
+    for family, kind in types.items():
+        if kind == "histogram":
+            buckets = sorted((float(dict(labels)["le"]), v) for (n, labels), v in samples.items()
+                             if n == family + "_bucket")
+            counts = [v for _, v in buckets]
+            assert buckets and buckets[-1][0] == float("inf"), f"{family}: no +Inf bucket"
+            assert counts == sorted(counts), f"{family}: buckets not cumulative"
+            assert counts[-1] == samples[(family + "_count", frozenset())], family
+    return types, samples
+
+
+def schema_errors(value, schema: dict, root: dict, where: str = "$") -> list[str]:
+    """Where ``value`` breaks the JSON Schema ``schema`` (the keywords the OpenAPI
+    document uses; $ref into ``root``)."""
+    if "$ref" in schema:
+        node = root
+        for part in schema["$ref"].lstrip("#/").split("/"):
+            node = node[part]
+        return schema_errors(value, node, root, where)
+    kinds = {"string": str, "boolean": bool, "object": dict, "array": list,
+             "null": type(None), "number": (int, float), "integer": int}
+    errors = []
+    if "type" in schema:
+        wanted = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+        if not any(isinstance(value, kinds[t]) and not (isinstance(value, bool) and t in ("number", "integer"))
+                   for t in wanted):
+            return [f"{where}: {value!r} is not {wanted}"]
+    if "pattern" in schema and isinstance(value, str) and not re.search(schema["pattern"], value):
+        errors.append(f"{where}: {value!r} does not match {schema['pattern']}")
+    if "enum" in schema and value not in schema["enum"]:
+        errors.append(f"{where}: {value!r} not in {schema['enum']}")
+    for key, test in (("minimum", lambda v, b: v >= b), ("maximum", lambda v, b: v <= b),
+                      ("exclusiveMinimum", lambda v, b: v > b)):
+        if key in schema and isinstance(value, (int, float)) and not test(value, schema[key]):
+            errors.append(f"{where}: {value!r} breaks {key} {schema[key]}")
+    if isinstance(value, dict):
+        errors += [f"{where}: {name} is required" for name in schema.get("required", ())
+                   if name not in value]
+        for name, item in value.items():
+            if name in schema.get("properties", {}):
+                errors += schema_errors(item, schema["properties"][name], root, f"{where}.{name}")
+            elif schema.get("additionalProperties") is False:
+                errors.append(f"{where}: {name} is not allowed")
+    if isinstance(value, list):
+        if len(value) > schema.get("maxItems", len(value)):
+            errors.append(f"{where}: over {schema['maxItems']} items")
+        for i, item in enumerate(value):
+            errors += schema_errors(item, schema.get("items", {}), root, f"{where}[{i}]")
+    if "anyOf" in schema and all(schema_errors(value, s, root, where) for s in schema["anyOf"]):
+        errors.append(f"{where}: matches none of anyOf")
+    if "oneOf" in schema and sum(not schema_errors(value, s, root, where)
+                                 for s in schema["oneOf"]) != 1:
+        errors.append(f"{where}: does not match exactly one of oneOf")
+    return errors
+
+
+@local_only
+class OperationsTests(ServerTestCase):
+    """/info, /metrics, /openapi.json and the version, on the tests' usual server."""
+
+    def get(self, path: str) -> tuple[int, dict, str]:
+        conn = self.server.connection()
+        try:
+            conn.request("GET", path)
+            response = conn.getresponse()
+            return response.status, dict(response.getheaders()), response.read().decode()
+        finally:
+            conn.close()
+
+    def metrics(self) -> dict[tuple[str, frozenset], float]:
+        status, headers, text = self.get("/metrics")
+        self.assertEqual(status, 200)
+        self.assertTrue(headers["Content-Type"].startswith("text/plain; version=0.0.4"))
+        return parse_exposition(text)[1]
+
+    def test_version_is_the_same_everywhere(self):
+        out = subprocess.run([sys.executable, SNEKBOX, "--version"], capture_output=True,
+                             text=True, check=True).stdout
+        self.assertEqual(out, f"snekbox {snekbox.__version__}\n")
+        self.assertRegex(snekbox.__version__, r"^\d+\.\d+\.\d+$")
+        self.assertEqual(self.server.health()["version"], snekbox.__version__)
+        info = json.loads(self.get("/info")[2])
+        self.assertEqual(info["version"], snekbox.__version__)
+        self.assertEqual(self.metrics()[("snekbox_build_info",
+                                         frozenset({("version", snekbox.__version__)}))], 1)
+
+    def test_info_names_the_interpreters_and_limits(self):
+        status, _, text = self.get("/info")
+        self.assertEqual(status, 200)
+        info = json.loads(text)
+        default = info["interpreters"][0]
+        self.assertEqual((default["path"], default["default"]), (JAIL_PYTHON, True))
+        self.assertEqual(default["version"], self.run_code(
+            "import platform; print(platform.python_version())")["stdout"].strip())
+        for interpreter in info["interpreters"]:    # each one really runs
+            with self.subTest(path=interpreter["path"]):
+                result = self.server.eval(input="import platform; print(platform.python_version())",
+                                          executable_path=interpreter["path"])
+                self.assertEqual(result["stdout"].strip(), interpreter["version"])
+        self.assertEqual(info["limits"]["time"], self.time_limit)
+        self.assertEqual(info["limits"]["files"], snekbox.DEFAULT_FILES_LIMIT)
+        self.assertEqual((info["workers"], info["warm_jails"]), (2, PREWARM))
+
+    def test_metrics_count_requests_evaluations_and_waits(self):
+        before = self.metrics()
+        self.run_code("print(1)")
+        self.run_code("import time; time.sleep(60)")
+        self.server.post({"input": 1})
+        for i in range(20):     # unknown paths count as one, whatever they are
+            self.get(f"/nothing-{i}")
+        after = self.metrics()
+
+        def grew(name, **labels):
+            key = (name, frozenset((k, str(v)) for k, v in labels.items()))
+            return after.get(key, 0) - before.get(key, 0)
+        jail = "warm" if PREWARM else "cold"
+        self.assertEqual(grew("snekbox_evaluations_total", status="ok", jail=jail), 1)
+        self.assertEqual(grew("snekbox_evaluations_total", status="timeout", jail=jail), 1)
+        self.assertEqual(grew("snekbox_http_requests_total", path="/eval", status=200), 2)
+        self.assertEqual(grew("snekbox_http_requests_total", path="/eval", status=400), 1)
+        self.assertEqual(grew("snekbox_http_requests_total", path="other", status=404), 20)
+        self.assertFalse([k for k in after if "/nothing" in str(k)])
+        self.assertEqual(grew("snekbox_evaluation_duration_seconds_count"), 2)
+        self.assertGreaterEqual(grew("snekbox_evaluation_duration_seconds_sum"), self.time_limit)
+        self.assertEqual(grew("snekbox_queue_wait_seconds_count"), 2)
+        self.assertGreater(grew("snekbox_http_request_body_bytes_total"), 40)
+        self.assertGreater(after[("process_resident_memory_bytes", frozenset())], 10 * snekbox.MiB)
+        self.assertEqual(after[("snekbox_workers", frozenset())], 2)
+
+    def test_health_and_metrics_are_not_logged_at_info(self):
+        for _ in range(3):
+            self.server.health()
+            self.get("/metrics")
+        self.get("/nothing")
+        wait_until(lambda: self.server.logged('"GET /nothing" 404'), 5, "the 404's log line")
+        self.assertFalse(self.server.logged('"GET /health"') or self.server.logged('"GET /metrics"'))
+        self.assertTrue(self.server.logged('reason="no such endpoint: /nothing'))
+
+    def test_openapi_document_describes_what_the_server_answers(self):
+        status, _, text = self.get("/openapi.json")
+        self.assertEqual(status, 200)
+        doc = json.loads(text)
+        self.assertEqual((doc["openapi"], doc["info"]["version"]), ("3.1.0", snekbox.__version__))
+        self.assertEqual(set(doc["paths"]), set(snekbox.SnekboxHandler.ROUTES))
+        schemas = doc["components"]["schemas"]
+        ref = {"$ref": "#/components/schemas/EvalResult"}
+        for body in ({"input": "print(1)"}, {"input": "1/0", "stderr": True},
+                     {"input": "open('x', 'w').write('y')"}, {"input": "print(1)", "nope": 1},
+                     {"input": "import time; time.sleep(60)", "limits": {"time": 1}}):
+            with self.subTest(body=body):
+                _, _, data = self.server.post(body)
+                self.assertEqual(schema_errors(data, ref, doc), [])
+        self.assertEqual(schema_errors(self.server.health(), schemas["Health"], doc), [])
+        self.assertEqual(schema_errors(json.loads(self.get("/info")[2]), schemas["Info"], doc), [])
+        status, _, data = self.server.post({"args": "-c"})
+        self.assertIn(str(status), doc["paths"]["/eval"]["post"]["responses"])
+        self.assertEqual(schema_errors(data, schemas["Error"], doc), [])
+
+    def test_request_schema_and_parser_agree(self):
+        """The body schema is made from the table the parser checks with: a body
+        passes the schema exactly when the parser takes it (for what a schema can say)."""
+        doc = json.loads(self.get("/openapi.json")[2])
+        schema = doc["components"]["schemas"]["EvalRequest"]
+        caps = snekbox.Limits(self.time_limit, 0, 0, snekbox.DEFAULT_OUTPUT_SIZE)
+        bodies = [{"input": "1"}, {"args": ["-c", "1"]}, {}, {"stdin": "x"}, {"input": 1},
+                  {"args": "-c"}, {"args": [1]}, {"input": "", "stdin": 5},
+                  {"input": "", "files": {}}, {"input": "", "files": [{"content": ""}]},
+                  {"input": "", "files": [{"path": "a", "content": ""}]},
+                  {"input": "", "files": [{"path": "a", "content": "YW\nJj ZA=\n="}]},
+                  {"input": "", "files": [{"path": "a", "content": "YWJjZA="}]},
+                  {"input": "", "files": [{"path": "a", "content": "!!!!"}]},
+                  {"input": "", "files": [{"path": f"{i}"} for i in range(101)]},
+                  {"input": "", "executable_path": None}, {"input": "", "executable_path": 3},
+                  {"input": "", "limits": []}, {"input": "", "limits": {"time": 1}},
+                  {"input": "", "limits": {"time": 0}}, {"input": "", "limits": {"time": 99}},
+                  {"input": "", "limits": {"memory": 1.5}}, {"input": "", "limits": {"wall": 1}},
+                  {"input": "", "stderr": True}, {"input": "", "stderr": "yes"},
+                  {"input": "", "other": 1}]
+        for body in bodies:
+            with self.subTest(body=body):
+                try:
+                    snekbox.parse_eval_request(json.dumps(body).encode(), caps=caps)
+                    parsed = True
+                except snekbox.InvalidRequest:
+                    parsed = False
+                self.assertEqual(not schema_errors(body, schema, doc), parsed)
+
+    def test_readme_examples_match_the_document(self):
+        """Every JSON request body and answer the README shows fits the document."""
+        doc = json.loads(self.get("/openapi.json")[2])
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+            readme = f.read()
+        bodies = [json.loads(b) for b in re.findall(r"-d '(\{.*?\})'", readme)
+                  if '"input"' in b or '"args"' in b]
+        answers = []
+        for block in re.findall(r"^# (\{\"stdout\".*?)\n(?!#  )", readme, re.M | re.S):
+            answers.append(json.loads(re.sub(r"\n#\s*", "", block)))
+        self.assertGreaterEqual((len(bodies), len(answers)), (3, 2))
+        schemas = doc["components"]["schemas"]
+        for body in bodies:
+            with self.subTest(body=body):
+                self.assertEqual(schema_errors(body, schemas["EvalRequest"], doc), [])
+        for answer in answers:
+            with self.subTest(answer=answer):
+                self.assertEqual(schema_errors(answer, schemas["EvalResult"], doc), [])
+
+
+class TokenTests(unittest.TestCase):
+    """--token-file: /eval and /info need a token, probes don't; SIGHUP reads it again."""
+
+    TOKEN = "first-token-" + "a" * 20
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.folder = tempfile.mkdtemp(prefix="snekbox-tokens-")
+        cls.token_file = os.path.join(cls.folder, "tokens")
+        cls.write_tokens(f"# the bot\n{cls.TOKEN}\n\n")
+        cls.server = Server(*default_flags(), "--token-file", cls.token_file)
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls.server.stop()
+        shutil.rmtree(cls.folder)
+
+    @classmethod
+    def write_tokens(cls, text: str) -> None:
+        with open(cls.token_file, "w") as f:
+            f.write(text)
+        os.chmod(cls.token_file, 0o600)
+
+    def call(self, method: str, path: str, token: str | None = None, body: dict | None = None):
+        headers = {"Content-Type": "application/json"}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        return self.server.request(method, path, json.dumps(body).encode() if body else None,
+                                   headers)
+
+    def test_eval_and_info_need_a_token(self):
+        for method, path, body in (("POST", "/eval", {"input": "print(1)"}), ("GET", "/info", None)):
+            with self.subTest(path=path):
+                status, headers, data = self.call(method, path, body=body)
+                self.assertEqual(status, 401)
+                self.assertEqual(headers["WWW-Authenticate"], 'Bearer realm="snekbox"')
+                self.assertIn("Authorization: Bearer", data["description"])
+                status, headers, _ = self.call(method, path, "wrong-token-" + "b" * 20, body)
+                self.assertEqual(status, 401)
+                self.assertIn('error="invalid_token"', headers["WWW-Authenticate"])
+                status, _, data = self.call(method, path, self.TOKEN, body)
+                self.assertEqual(status, 200, data)
+        status, _, data = self.server.request("POST", "/eval", b'{"input": "print(1)"}', {
+            "Content-Type": "application/json", "Authorization": f"Basic {self.TOKEN}"})
+        self.assertEqual(status, 401)
+
+    def test_probes_stay_open(self):
+        for path in ("/health", "/metrics", "/openapi.json"):
+            with self.subTest(path=path):
+                conn = self.server.connection()
+                conn.request("GET", path)
+                self.assertEqual(conn.getresponse().status, 200)
+                conn.close()
+
+    def test_a_refused_body_is_never_read(self):
+        """A stranger's body is refused before it is read: it holds no memory, and the
+        connection is closed after the 401."""
+        answer = self.server.raw(b"POST /eval HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                                 b"Content-Length: 10000000\r\n\r\n" + b"x" * 1000)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 401 "), answer[:100])
+        self.assertIn(b"Connection: close", answer)
+
+    def test_sighup_reads_the_file_again_and_a_bad_file_changes_nothing(self):
+        new = "second-token-" + "c" * 20
+        # Cleanups run last first: the old file back, then SIGHUP.
+        self.addCleanup(lambda: (os.kill(self.server.proc.pid, signal.SIGHUP),
+                                 wait_until(lambda: self.server.logged("read 1 token") >= 2, 5, "reload")))
+        self.addCleanup(self.write_tokens, f"{self.TOKEN}\n")
+        self.write_tokens(f"{new}\n")
+        self.server.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: self.call("GET", "/info", new)[0] == 200, 5, "the new token to work")
+        self.assertEqual(self.call("GET", "/info", self.TOKEN)[0], 401)
+        self.write_tokens("short\n")
+        self.server.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: self.server.logged("line 1: a token must be"), 5, "the bad file's error")
+        self.assertEqual(self.call("GET", "/info", new)[0], 200)
+        self.assertIsNone(self.server.proc.poll())
+
+    def test_tokens_are_never_logged(self):
+        self.call("GET", "/info", self.TOKEN)
+        self.call("GET", "/info", "wrong-token-" + "d" * 20)
+        wait_until(lambda: self.server.logged('"GET /info" 401'), 5, "the 401's log line")
+        self.assertFalse(self.server.logged(self.TOKEN) or self.server.logged("wrong-token-"))
+
+    def test_unusable_token_files_stop_the_start(self):
+        empty = os.path.join(self.folder, "empty")
+        with open(empty, "w") as f:
+            f.write("# nothing yet\n")
+        for flags, code, said in ((["--token-file", empty], 1, "holds no token"),
+                                  (["--token-file", "/nonexistent/tokens"], 1, "cannot read"),
+                                  (["--protect-metrics"], 2, "needs --token-file")):
+            with self.subTest(flags=flags):
+                out = subprocess.run([sys.executable, SNEKBOX, "--port", "0", *flags],
+                                     capture_output=True, text=True, timeout=60)
+                self.assertEqual(out.returncode, code, out.stderr)
+                self.assertIn(said, out.stderr)
+
+    def test_protect_metrics(self):
+        server = Server(*default_flags(prewarm=0), "--token-file", self.token_file,
+                        "--protect-metrics")
+        self.addCleanup(server.stop)
+        self.assertEqual(server.request("GET", "/metrics")[0], 401)
+        conn = server.connection()
+        conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {self.TOKEN}"})
+        response = conn.getresponse()
+        self.assertEqual(response.status, 200)
+        parse_exposition(response.read().decode())
+        conn.close()
+        self.assertEqual(server.request("GET", "/health")[0], 200)
+
+
+class LogFormatTests(unittest.TestCase):
+    def test_json_lines(self):
+        server = Server(*default_flags(prewarm=0), "--log-format", "json")
+        self.addCleanup(server.stop)
+        server.eval(input="print(1)")
+        server.post({"input": 1})
+        wait_until(lambda: server.logged('"status": 400'), 5, "the 400's log line")
+        entries = [json.loads(line) for line in list(server.log)]    # each line is JSON
+        access = [e for e in entries if e.get("request") == "POST /eval"]
+        self.assertEqual([e["status"] for e in access], [200, 400])
+        self.assertIn("input must be a string", access[1]["reason"])
+        evaluation = next(e for e in entries if e["message"].startswith("evaluation "))
+        self.assertEqual((evaluation["status"], evaluation["id"]), ("ok", access[0]["id"]))
+        self.assertTrue(all({"time", "level", "logger", "message"} <= set(e) for e in entries))
+
+
+class InterpreterDiscoveryTests(unittest.TestCase):
+    def test_interpreters_in_mounted_bin_folders(self):
+        folder = tempfile.mkdtemp(prefix="snekbox-pythons-")
+        self.addCleanup(shutil.rmtree, folder)
+        for version in ("3.98", "3.99"):
+            os.makedirs(os.path.join(folder, version, "bin"))
+            os.symlink(sys.executable, os.path.join(folder, version, "bin", "python3"))
+        os.makedirs(os.path.join(folder, "3.99", "lib"))
+        os.symlink(sys.executable, os.path.join(folder, "3.99", "lib", "python3"))   # not in a bin
+        with open(os.path.join(folder, "3.99", "bin", "python3-config"), "w") as f:
+            f.write("")
+        with tempfile.NamedTemporaryFile("w", suffix=".cfg", delete=False) as f:
+            f.write(f'mount {{ src: "{folder}" dst: "/opt/py" is_bind: true }}\n'
+                    f'mount {{ src: "{sys.executable}" dst: "/usr/bin/python3" is_bind: true }}\n'
+                    'exec_bin { path: "/usr/bin/python3" }')
+        self.addCleanup(os.unlink, f.name)
+        found = snekbox.find_interpreters(snekbox.JailConfig.from_file(f.name))
+        version = tuple(sys.version_info[:3])
+        self.assertEqual(found, [("/usr/bin/python3", version), ("/opt/py/3.98/bin/python3", version),
+                                 ("/opt/py/3.99/bin/python3", version)])
+
+    def test_packages_from_their_metadata(self):
+        base = tempfile.mkdtemp(prefix="snekbox-userbase-")
+        self.addCleanup(shutil.rmtree, base)
+        site = os.path.join(base, "lib", "python3.99", "site-packages")
+        for name, metadata in (("numpy-2.1.0", "Metadata-Version: 2.1\nName: numpy\nVersion: 2.1.0\n\nbody: x\n"),
+                               ("broken-1", "Version: 1\n"), ("other", "Name: nope\n")):
+            os.makedirs(os.path.join(site, name + (".dist-info" if name != "other" else "")))
+            with open(os.path.join(site, name + (".dist-info" if name != "other" else ""), "METADATA"), "w") as f:
+                f.write(metadata)
+        self.assertEqual(snekbox.installed_packages(base),
+                         [{"name": "numpy", "version": "2.1.0", "python": "3.99"}])
+        self.assertEqual(snekbox.installed_packages(None), [])
 
 
 class OwnCgroup:
