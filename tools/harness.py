@@ -150,8 +150,9 @@ def parse_url(url: str) -> tuple[str, int]:
 class Client:
     """One keep-alive connection to the server; reconnects after an error."""
 
-    def __init__(self, host: str, port: int, timeout: float = 30):
+    def __init__(self, host: str, port: int, timeout: float = 30, headers: dict | None = None):
         self.host, self.port, self.timeout = host, port, timeout
+        self.headers = {"Content-Type": "application/json", **(headers or {})}
         self.conn = http.client.HTTPConnection(host, port, timeout=timeout)
 
     def post(self, code: str) -> tuple[int, float, dict | None]:
@@ -159,7 +160,7 @@ class Client:
         body = json.dumps({"input": code}).encode()
         started = time.perf_counter()
         try:
-            self.conn.request("POST", "/eval", body, {"Content-Type": "application/json"})
+            self.conn.request("POST", "/eval", body, self.headers)
             response = self.conn.getresponse()
             data = json.loads(response.read())
             if response.getheader("Connection", "").lower() == "close":
@@ -192,15 +193,16 @@ class Client:
         self.conn.close()
 
 
-def start_server(python: str = DEBIAN_PYTHON, *flags: str,
-                 port: int | None = None) -> tuple[subprocess.Popen, int, float]:
-    """Start snekbox.py on loopback; return it, its port and seconds to a first eval."""
+def start_server(python: str = DEBIAN_PYTHON, *flags: str, port: int | None = None,
+                 headers: dict | None = None) -> tuple[subprocess.Popen, int, float]:
+    """Start snekbox.py on loopback; return it, its port and seconds to a first eval
+    (sent with ``headers``, such as a token)."""
     port = port or free_port()
     started = time.perf_counter()
     proc = subprocess.Popen([python, SNEKBOX, "--port", str(port), "--log-level", "WARNING",
                              *flags], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
-    client = Client("127.0.0.1", port, timeout=5)
+    client = Client("127.0.0.1", port, timeout=5, headers=headers)
     while time.monotonic() < deadline:
         if client.post("print(1)")[0] == 200:
             client.close()
@@ -309,13 +311,15 @@ def launch_server(python: str, *flags: str, timeout: float = 30,
     raise RuntimeError("server did not start:\n" + "".join(log))
 
 
-def post_once(host: str, port: int, code: str, timeout: float = 30) -> tuple[int, dict | None]:
+def post_once(host: str, port: int, code: str, timeout: float = 30,
+              headers: dict | None = None) -> tuple[int, dict | None]:
     """POST /eval on a connection of its own, closed afterwards, as a client that comes
     once; (status, JSON), status 0 when the connection failed."""
     conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
         conn.request("POST", "/eval", json.dumps({"input": code}).encode(),
-                     {"Content-Type": "application/json", "Connection": "close"})
+                     {"Content-Type": "application/json", "Connection": "close",
+                      **(headers or {})})
         response = conn.getresponse()
         return response.status, json.loads(response.read())
     except (OSError, http.client.HTTPException, ValueError):
