@@ -2620,6 +2620,9 @@ class OperationsTests(ServerTestCase):
             answers.append(json.loads(re.sub(r"\n#\s*", "", block)))
         self.assertGreaterEqual((len(bodies), len(answers)), (3, 2))
         schemas = doc["components"]["schemas"]
+        info = re.search(r"^# (\{\"version\".*?)\n(?!#  )", readme, re.M | re.S)[1]
+        self.assertEqual(schema_errors(json.loads(re.sub(r"\n#\s*", "", info)),
+                                       schemas["Info"], doc), [])
         for body in bodies:
             with self.subTest(body=body):
                 self.assertEqual(schema_errors(body, schemas["EvalRequest"], doc), [])
