@@ -519,11 +519,16 @@ MAX_INTERPRETER_SEARCH = 20_000     # folder entries looked at for interpreters,
 
 
 def python_version(python: str) -> tuple[int, ...] | None:
-    """The version of the interpreter at host path ``python``, None if it won't say."""
+    """The version of the interpreter at host path ``python``, None if it won't say.
+
+    It runs as the jail's user, never as root: a config may mount a folder whose files
+    root shouldn't run."""
     try:
         out = subprocess.run([python, "-I", "-S", "-c",
                               "import sys; print(*sys.version_info[:3])"],
-                             capture_output=True, text=True, timeout=10, env={})
+                             capture_output=True, text=True, timeout=10, env={}, cwd="/",
+                             user=JAIL_UID, group=JAIL_UID, extra_groups=[],
+                             start_new_session=True)
         return tuple(int(part) for part in out.stdout.split()) or None
     except (OSError, ValueError, subprocess.TimeoutExpired):
         return None

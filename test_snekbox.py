@@ -68,6 +68,16 @@ def b64(data: bytes | str) -> str:
     return base64.b64encode(data).decode()
 
 
+# The system's interpreter, which anyone may run (the tests' own may be root's alone).
+HOST_PYTHON = os.path.realpath("/usr/bin/python3")
+
+
+def host_python_version() -> tuple[int, int, int]:
+    out = subprocess.run([HOST_PYTHON, "-c", "import sys; print(*sys.version_info[:3])"],
+                         capture_output=True, text=True, check=True)
+    return tuple(map(int, out.stdout.split()))
+
+
 def jail_python_version() -> str:
     """X.Y of the host's /usr/bin/python3, which the jail runs."""
     out = subprocess.run([JAIL_PYTHON, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
@@ -658,8 +668,8 @@ class RequestParsingTests(unittest.TestCase):
         self.assertIsNone(snekbox.warm_job(["-m", "timeit"], uploaded, "c"))
         self.assertIsNone(snekbox.warm_job(["-u", "-c", "x"], uploaded))
         self.assertIsNone(snekbox.warm_job(["other.py"], uploaded))
-        old = sys.version_info < (3, 13)
-        self.assertEqual(snekbox.warm_modes(sys.executable), "cms" if old else "c")
+        old = host_python_version() < (3, 13)
+        self.assertEqual(snekbox.warm_modes(HOST_PYTHON), "cms" if old else "c")
         self.assertEqual(snekbox.warm_modes("/nonexistent/python"), "c")
 
     def test_code_argument_index(self):
@@ -2764,20 +2774,30 @@ class InterpreterDiscoveryTests(unittest.TestCase):
         self.addCleanup(shutil.rmtree, folder)
         for version in ("3.98", "3.99"):
             os.makedirs(os.path.join(folder, version, "bin"))
-            os.symlink(sys.executable, os.path.join(folder, version, "bin", "python3"))
+            os.symlink(HOST_PYTHON, os.path.join(folder, version, "bin", "python3"))
         os.makedirs(os.path.join(folder, "3.99", "lib"))
-        os.symlink(sys.executable, os.path.join(folder, "3.99", "lib", "python3"))   # not in a bin
+        os.symlink(HOST_PYTHON, os.path.join(folder, "3.99", "lib", "python3"))   # not in a bin
         with open(os.path.join(folder, "3.99", "bin", "python3-config"), "w") as f:
             f.write("")
         with tempfile.NamedTemporaryFile("w", suffix=".cfg", delete=False) as f:
             f.write(f'mount {{ src: "{folder}" dst: "/opt/py" is_bind: true }}\n'
-                    f'mount {{ src: "{sys.executable}" dst: "/usr/bin/python3" is_bind: true }}\n'
+                    f'mount {{ src: "{HOST_PYTHON}" dst: "/usr/bin/python3" is_bind: true }}\n'
                     'exec_bin { path: "/usr/bin/python3" }')
         self.addCleanup(os.unlink, f.name)
         found = snekbox.find_interpreters(snekbox.JailConfig.from_file(f.name))
-        version = tuple(sys.version_info[:3])
+        version = host_python_version()
         self.assertEqual(found, [("/usr/bin/python3", version), ("/opt/py/3.98/bin/python3", version),
                                  ("/opt/py/3.99/bin/python3", version)])
+
+    def test_interpreters_are_asked_as_the_jails_user_not_root(self):
+        folder = tempfile.mkdtemp(prefix="snekbox-pythons-")
+        self.addCleanup(shutil.rmtree, folder)
+        os.chmod(folder, 0o755)
+        fake = os.path.join(folder, "python3")
+        with open(fake, "w") as f:
+            f.write('#!/bin/sh\necho 3 "$(id -u)" "$(id -G | wc -w)"\n')
+        os.chmod(fake, 0o755)
+        self.assertEqual(snekbox.python_version(fake), (3, snekbox.JAIL_UID, 1))
 
     def test_packages_from_their_metadata(self):
         base = tempfile.mkdtemp(prefix="snekbox-userbase-")
