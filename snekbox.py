@@ -67,8 +67,9 @@ The chapters of this file, in order:
     The jail        one nsjail process, and the exchange of bytes with it while it runs
     Warm jails      jails started ahead of time, and their pool
     Sandbox         the façade: one evaluation from arguments to result
-    HTTP            request parsing, worker slots, the server and its handler
-    Command line    Settings, the flags that fill them, and main
+    HTTP            request parsing, worker slots, metrics, tokens, /info and the
+                    OpenAPI document, the server and its handler
+    Command line    Settings, the flags that fill them, logging, signals, and main
 """
 
 from __future__ import annotations
@@ -2543,7 +2544,8 @@ def _start_error(outcome: Outcome, report: NsjailReport) -> str:
 
 
 # --------------------------------------------------------------------------------------
-# HTTP: request parsing, worker slots, the server and its handler
+# HTTP: request parsing, worker slots, metrics, tokens, /info and the OpenAPI document,
+# the server and its handler
 # --------------------------------------------------------------------------------------
 
 _SPACES = re.compile(r"[ \t\r\n]+")
@@ -3743,7 +3745,7 @@ class SnekboxHandler(BaseHTTPRequestHandler):
 
 
 # --------------------------------------------------------------------------------------
-# Command line: Settings, the flags that fill them, and main
+# Command line: Settings, the flags that fill them, logging, signals, and main
 # --------------------------------------------------------------------------------------
 
 class Settings:
