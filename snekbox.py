@@ -121,8 +121,8 @@ from typing import Any, NamedTuple
 __version__ = "1.0.0"     # the one place it is set: --version, /health, /info, /metrics
 
 __all__ = [
-    "__version__", "Sandbox", "EvalResult", "File", "Limits", "Usage", "JailConfig", "InvalidRequest",
-    "SandboxUnavailable", "parse_eval_request", "EvalRequest", "main",
+    "__version__", "Sandbox", "EvalResult", "File", "Limits", "Usage", "JailConfig",
+    "InvalidRequest", "SandboxUnavailable", "parse_eval_request", "EvalRequest", "main",
 ]
 
 log = logging.getLogger("snekbox")
@@ -562,7 +562,7 @@ def find_interpreters(config: JailConfig) -> list[tuple[str, tuple[int, ...]]]:
         if mount.is_bind and os.path.exists(mount.src):
             found.update(dict.fromkeys(_interpreters_in(mount, budget)))
     versions: dict[str, tuple[int, ...] | None] = {}    # one run per real file
-    interpreters = []
+    interpreters: list[tuple[str, tuple[int, ...]]] = []
     for path in found:
         host = config.host_path(path)
         if host is None or not os.path.isfile(host) or not os.stat(host).st_mode & 0o001:
@@ -570,9 +570,9 @@ def find_interpreters(config: JailConfig) -> list[tuple[str, tuple[int, ...]]]:
         real = os.path.realpath(host)
         if real not in versions:
             versions[real] = python_version(real)
-        if versions[real]:
-            interpreters.append((path, versions[real]))
-    return interpreters      # type: ignore[return-value]
+        if version := versions[real]:
+            interpreters.append((path, version))
+    return interpreters
 
 
 def installed_packages(user_base: str | None) -> list[dict[str, str]]:
@@ -2810,6 +2810,12 @@ def _labels(**labels: object) -> str:
     return "{" + ",".join(f'{k}="{v}"' for k, v in zip(labels, escaped)) + "}"
 
 
+def _counted(counter: collections.Counter[Any], *names: str) -> list[str]:
+    """The samples (labels and value) of a counter keyed by the values of ``names``."""
+    return [f"{_labels(**dict(zip(names, key if isinstance(key, tuple) else (key,))))} {n}"
+            for key, n in sorted(counter.items())]
+
+
 class Metrics:
     """What the server has done since it started, for ``GET /metrics``; thread-safe.
 
@@ -2853,11 +2859,11 @@ class Metrics:
         with self._lock:
             families = [
                 ("snekbox_http_requests_total", "counter", "HTTP requests answered",
-                 [f"{_labels(path=p, status=s)} {n}" for (p, s), n in sorted(self.requests.items())]),
+                 _counted(self.requests, "path", "status")),
                 ("snekbox_evaluations_total", "counter", "evaluations by how they ended",
-                 [f"{_labels(status=s, jail=j)} {n}" for (s, j), n in sorted(self.evaluations.items())]),
+                 _counted(self.evaluations, "status", "jail")),
                 ("snekbox_rejected_requests_total", "counter", "503 answers by cause",
-                 [f"{_labels(cause=c)} {n}" for c, n in sorted(self.rejections.items())]),
+                 _counted(self.rejections, "cause")),
                 ("snekbox_http_request_body_bytes_total", "counter", "request body bytes read",
                  [f" {self.bytes_in}"]),
                 ("snekbox_http_response_bytes_total", "counter", "answer body bytes sent",
