@@ -72,6 +72,7 @@ import argparse
 import base64
 import binascii
 import bisect
+import codecs
 import collections
 import ctypes
 import errno
@@ -107,7 +108,7 @@ import weakref
 import http.client
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from email.message import Message
 from typing import Any, NamedTuple
 
@@ -1604,19 +1605,129 @@ _EXECUTING = b"] Executing '"
 _ENDED = (b") exited with status: ", b") terminated with signal: ")
 
 
+TAP_PIECE = 64 * 1024   # bytes of output a tap gives out at a time
+
+
+class OutputTap:
+    """A run's output as the jail produces it, for another thread to pass on meanwhile.
+
+    The Exchange shares its output buffers with the tap (``attach``) and says when they
+    may have grown (``grew``); ``pieces`` gives out what is new by offset, so the
+    output is never queued a second time, and a reader that falls behind costs no more
+    memory than the run's output limit. Nothing goes out before the program has started
+    (nsjail's own complaints, when it can't start it, are not the program's output)
+    unless the tap is closed: after the run, ``close`` lets ``pieces`` give out the rest
+    and end; ``discard`` ends it with nothing more.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._streams: dict[str, bytearray] = {}
+        self._offsets: dict[str, int] = {}
+        self._live = self._closed = False
+
+    def attach(self, streams: dict[str, bytearray]) -> None:
+        """Follow ``streams`` ("stdout", "stderr") from their start (a run started anew
+        after a warm jail died waiting attaches its own)."""
+        with self._cond:
+            self._streams, self._offsets = streams, dict.fromkeys(streams, 0)
+
+    def grew(self, live: bool) -> None:
+        """The streams may have grown; ``live``: the program has started."""
+        with self._cond:
+            self._live = self._live or live
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """The run is over: what is left may go out, then ``pieces`` ends."""
+        with self._cond:
+            self._live = self._closed = True
+            self._cond.notify_all()
+
+    def discard(self) -> None:
+        """End ``pieces`` now, giving out nothing more."""
+        with self._cond:
+            self._streams, self._closed = {}, True
+            self._cond.notify_all()
+
+    def pieces(self, size: int = TAP_PIECE) -> Iterator[tuple[str, bytes]]:
+        """(stream, bytes) of at most ``size`` bytes, each stream in order, as they come;
+        ends once the tap is closed and all is given out."""
+        while True:
+            with self._cond:
+                piece = self._next(size)
+                while piece is None and not self._closed:
+                    self._cond.wait()
+                    piece = self._next(size)
+            if piece is None:
+                return
+            yield piece
+
+    def _next(self, size: int) -> tuple[str, bytes] | None:
+        if not self._live:
+            return None
+        for name, data in self._streams.items():
+            # The Exchange appends without this lock: a bytearray's length, append and
+            # slice are each one step under the GIL.
+            offset = self._offsets[name]
+            if len(data) > offset:
+                piece = bytes(data[offset:offset + size])
+                self._offsets[name] = offset + len(piece)
+                return name, piece
+        return None
+
+
+class OutputRelay:
+    """A thread that passes a run's output on while the run goes on.
+
+    ``consume`` gets the pieces of ``tap`` (an iterator that ends after the run) and
+    passes them on; an OSError from it (where they go is gone, or stopped taking them)
+    ends the relay and goes to ``failed``. After the run, ``finish`` lets the rest go
+    out; ``abandon`` stops it when the run never came to an end of its own.
+    """
+
+    def __init__(self, consume: Callable[[Iterator[tuple[str, bytes]]], None],
+                 failed: Callable[[OSError], None] = lambda error: None):
+        self.tap = OutputTap()
+        self.error: OSError | None = None
+        self._consume, self._failed = consume, failed
+        self._thread = threading.Thread(target=self._relay, name="relay", daemon=True)
+        self._thread.start()
+
+    def _relay(self) -> None:
+        try:
+            self._consume(self.tap.pieces())
+        except OSError as e:
+            self.error = e
+            self._failed(e)
+
+    def finish(self) -> bool:
+        """Wait until the rest of the output has gone out; whether all of it did."""
+        self.tap.close()
+        self._thread.join()
+        return self.error is None
+
+    def abandon(self) -> None:
+        """Stop at once, passing nothing more on."""
+        self.tap.discard()
+        self._thread.join()
+
+
 class Exchange:
     """Moves bytes between snekbox and a running jail until its streams end.
 
     It feeds stdin (and a warm jail its job, a descriptor, the bytes and how to close
     it), keeps ``limits.output`` bytes of output (more stops the jail), keeps nsjail's
     log, stops the jail at ``limits.time`` (and kills nsjail KILL_GRACE after) and when
-    ``client`` hangs up. ``run`` returns an Outcome. Each selector key's data is the
-    bound method that handles it.
+    ``client`` hangs up. ``tap``, if given, shares the output while the run goes on.
+    ``run`` returns an Outcome. Each selector key's data is the bound method that
+    handles it.
     """
 
     def __init__(self, jail: JailProcess, *, stdin: bytes, limits: Limits,
                  client: socket.socket | None = None,
-                 job: tuple[int, bytes, Callable[[], None]] | None = None):
+                 job: tuple[int, bytes, Callable[[], None]] | None = None,
+                 tap: OutputTap | None = None):
         self.jail, self.limits, self.client = jail, limits, client
         popen = jail.popen
         self._outputs = {popen.stdout.fileno(): bytearray()} if popen.stdout else {}
@@ -1634,6 +1745,10 @@ class Exchange:
         self.started: float | None = None
         self.ended: float | None = None
         self._sel = selectors.DefaultSelector()
+        self.tap = tap
+        if tap is not None:
+            tap.attach({"stderr" if fd == self._stderr_fd else "stdout": output
+                        for fd, output in self._outputs.items()})
 
     def run(self) -> Outcome:
         """Exchange bytes until the jail's streams end; wait for nsjail to exit."""
@@ -1654,6 +1769,8 @@ class Exchange:
                     break
                 for key, _ in self._sel.select(timeout):
                     key.data(key)
+                if self.tap is not None:
+                    self.tap.grew(live=self.started is not None)
         for _, close in self._writers.values():
             close()
         status = self.jail.finish(KILL_GRACE)
@@ -2150,6 +2267,7 @@ class Call(NamedTuple):
     client: socket.socket | None
     limits: Limits
     split_stderr: bool
+    tap: OutputTap | None = None
 
 
 class Ran(NamedTuple):
@@ -2226,14 +2344,16 @@ class Sandbox:
     def run(self, args: Sequence[str], *, stdin: bytes = b"", files: Sequence[File] = (),
             executable_path: str | None = None, client: socket.socket | None = None,
             limits: dict[str, float] | None = None, split_stderr: bool = False,
-            answer: Callable[[EvalResult], None] | None = None) -> EvalResult:
+            answer: Callable[[EvalResult], None] | None = None,
+            tap: OutputTap | None = None) -> EvalResult:
         """Run the interpreter with ``args`` in a fresh jail and return what happened.
 
         ``files`` are written to /home first; the files the run creates or changes come
         back in ``result.files``. ``client``, if given, is a connected socket whose
         hang-up cancels the run. ``limits`` lowers the config's (see Limits);
         ``split_stderr`` keeps stderr apart. ``answer``, if given, gets the result as soon
-        as it is known, before the jail is taken down (the server sends it then). Raises
+        as it is known, before the jail is taken down (the server sends it then).
+        ``tap``, if given, shares the output as the jail produces it. Raises
         InvalidRequest for arguments,
         files, limits or an executable that can't be used, and SandboxUnavailable when
         nsjail or the tmpfs can't be started.
@@ -2242,7 +2362,7 @@ class Sandbox:
         args = check_args(check_types(args, stdin, executable_path))
         call = Call(args, bytes(stdin), check_files(files, self.files_limit),
                     check_executable(self.config, executable_path) if executable_path else None,
-                    client, check_limits(limits, self.caps), split_stderr)
+                    client, check_limits(limits, self.caps), split_stderr, tap)
         index = code_argument_index(args)
         if index is not None and "\0" in args[index]:
             # What Python says of such -c code; clients of python-discord/snekbox show it.
@@ -2266,7 +2386,7 @@ class Sandbox:
                     pass_fds=code_fds, cgroup=cell.cgroup)
             with jail:
                 outcome = Exchange(jail, stdin=call.stdin, limits=call.limits,
-                                   client=call.client).run()
+                                   client=call.client, tap=call.tap).run()
             _check_started(outcome)
             return finish(self._collected(cell, outcome, warm=False))
 
@@ -2287,7 +2407,7 @@ class Sandbox:
             orig_argv = [self.config.exec_path, *self.config.exec_args, *call.args]
             payload = marshal.dumps((*job, orig_argv))
             outcome = Exchange(jail.process, stdin=call.stdin, limits=call.limits,
-                               client=call.client,
+                               client=call.client, tap=call.tap,
                                job=(jail.job_w, payload, jail.close_job)).run()
             ran = self._collected(jail.cell, outcome, warm=True)
             if ran.report.child_status is None:
@@ -2807,6 +2927,21 @@ def is_chunked(headers: Message) -> bool:
     return True
 
 
+NDJSON = "application/x-ndjson"
+_Q_ZERO = re.compile(r"q=0(?:\.0{0,3})?", re.IGNORECASE)
+
+
+def wants_ndjson(headers: Message) -> bool:
+    """Whether the request's Accept names application/x-ndjson (not with q=0): its
+    answer then streams. Anything else (none, */*, application/json) gets the plain
+    answer."""
+    for item in ",".join(headers.get_all("Accept") or ()).split(","):
+        kind, *params = item.split(";")
+        if kind.strip(" \t").lower() == NDJSON:
+            return not any(_Q_ZERO.fullmatch(p.replace(" ", "")) for p in params)
+    return False
+
+
 # Errors after which a body not read yet can't be trusted to end where it says.
 CLOSING_ERRORS = frozenset((400, 408, 411, 413, 415, 501))
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -2890,6 +3025,58 @@ def answer_pieces(result: EvalResult,
     return length, pieces()
 
 
+def ndjson_lines(pieces: Iterable[tuple[str, bytes]]) -> Iterator[bytes]:
+    """The lines of a streamed answer for pieces of output: ``{"stdout": "..."}`` or
+    ``{"stderr": "..."}``. Each stream is decoded as UTF-8 on its own and as it comes,
+    so that its lines joined are its text in the final answer: a character split
+    between two pieces stays one, and invalid bytes are replaced alike."""
+    decoders: dict[str, codecs.IncrementalDecoder] = {}
+    for name, data in pieces:
+        if name not in decoders:
+            decoders[name] = codecs.getincrementaldecoder("utf-8")("replace")
+        yield from _ndjson_line(name, decoders[name].decode(data))
+    for name, decoder in decoders.items():
+        yield from _ndjson_line(name, decoder.decode(b"", final=True))
+
+
+def _ndjson_line(name: str, text: str) -> list[bytes]:
+    return [_json_bytes({name: text}) + b"\n"] if text else []
+
+
+class AnswerStream:
+    """The body of a streamed answer on ``sock``: each part a chunk (``chunked``), or
+    as it is where the end of the connection ends the body (HTTP/1.0).
+
+    Paced as every answer is: a client must take each part within ``timeout`` seconds
+    and all it was sent at MIN_ANSWER_RATE beyond ``timeout``, counting only the time
+    spent waiting on the client, not the program's pauses.
+    """
+
+    def __init__(self, sock: socket.socket, timeout: float, chunked: bool):
+        self.sock, self.timeout, self.chunked = sock, timeout, chunked
+        self.sent = 0
+        self._waited = 0.0
+
+    def send(self, data: bytes) -> None:
+        if data:
+            self._send(b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data)
+
+    def end(self) -> None:
+        """The end of the body (chunked: the last chunk; else the connection's end)."""
+        if self.chunked:
+            self._send(b"0\r\n\r\n")
+
+    def _send(self, data: bytes) -> None:
+        allowed = self.timeout + (self.sent + len(data)) / MIN_ANSWER_RATE - self._waited
+        self.sock.settimeout(max(min(self.timeout, allowed), 0.001))
+        began = time.monotonic()
+        try:
+            self.sock.sendall(data)
+        finally:
+            self._waited += time.monotonic() - began
+        self.sent += len(data)
+
+
 class SnekboxHandler(BaseHTTPRequestHandler):
     """Answers ``POST /eval`` and ``GET /health``; every answer is JSON."""
 
@@ -2955,6 +3142,7 @@ class SnekboxHandler(BaseHTTPRequestHandler):
         started = time.monotonic()
         self._status, self._size, self._body_read, self._body_held = 0, 0, False, 0
         self._note = ""
+        self._stream: AnswerStream | None = None
         self.request_id = request_id(self.headers.get("X-Request-Id"))
         try:
             self._route()
@@ -3046,20 +3234,29 @@ class SnekboxHandler(BaseHTTPRequestHandler):
             raise InvalidRequest.http(503, str(e), {"Retry-After": "1"}) from None
 
     def _run(self, request: EvalRequest) -> None:
-        """Run ``request`` in the sandbox; answer as soon as the result is known."""
+        """Run ``request`` in the sandbox; answer as soon as the result is known (with
+        Accept: application/x-ndjson, the output streams meanwhile)."""
         warnings = [f"{name}: no such field; it was ignored" for name in request.ignored]
+        relay = OutputRelay(self._send_lines, self._hang_up) \
+            if wants_ndjson(self.headers) else None
         try:
             self.server.sandbox.run(
                 request.args, stdin=request.stdin, files=request.files,
                 executable_path=request.executable_path, client=self.connection,
                 limits=request.limits, split_stderr=request.stderr,
-                answer=lambda result: self._answer(result, warnings))
+                answer=lambda result: self._answer(result, warnings, relay),
+                tap=relay.tap if relay else None)
         except SandboxUnavailable as e:
             log.error("%s", e)
             raise InvalidRequest.http(503, str(e), {"Retry-After": "1"}) from None
+        finally:
+            if relay is not None:
+                relay.abandon()     # unanswered: nothing was sent, an error answer can be
 
-    def _answer(self, result: EvalResult, warnings: list[str]) -> None:
-        """Log the evaluation and send its answer (unless its client went away)."""
+    def _answer(self, result: EvalResult, warnings: list[str],
+                relay: OutputRelay | None = None) -> None:
+        """Log the evaluation and send its answer (unless its client went away); with a
+        ``relay``, the rest of the output first, and the answer as the last line."""
         usage = result.usage or Usage(0.0, None, None)
         log.info("evaluation id=%s status=%s returncode=%s %s wall=%.3fs cpu=%s memory=%s "
                  "duration=%.3fs%s", self.request_id, result.status, result.returncode,
@@ -3067,11 +3264,54 @@ class SnekboxHandler(BaseHTTPRequestHandler):
                  "-" if usage.cpu is None else f"{usage.cpu:.3f}s",
                  "-" if usage.memory is None else usage.memory, result.duration,
                  f" error={result.error!r}" if result.error else "")
+        if relay is not None and not relay.finish():
+            self._note = f"the stream was cut off: {relay.error}"
+            self._abort()
+            return
         if result.status == "cancelled":
             self.close_connection = True
             return      # nobody to answer
         length, pieces = answer_pieces(result, {"warnings": warnings} if warnings else {})
-        self._send_answer(200, length, pieces)
+        if relay is None:
+            self._send_answer(200, length, pieces)
+            return
+        for piece in pieces:
+            self._stream_send(piece)
+        self._stream_send(b"\n")
+        self._stream_end()
+
+    def _send_lines(self, pieces: Iterator[tuple[str, bytes]]) -> None:
+        """The relay's work: each piece of output to the client as an ndjson line."""
+        for line in ndjson_lines(pieces):
+            self._stream_send(line)
+
+    def _hang_up(self, error: OSError) -> None:
+        """The client did not take the stream in time, or is gone: hanging up cancels
+        the run (the Exchange watches the connection)."""
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _stream_send(self, data: bytes) -> None:
+        """Send ``data`` as the next part of a streamed answer, after the status line
+        and headers the first time."""
+        if self._stream is None:
+            chunked = self.request_version != "HTTP/1.0"
+            self.close_connection = self.close_connection or not chunked
+            self.connection.settimeout(self.client_timeout)
+            self._send_head(200, {"Content-Type": NDJSON,
+                                  **({"Transfer-Encoding": "chunked"} if chunked else {})})
+            self.wfile.flush()
+            self._stream = AnswerStream(self.connection, self.client_timeout, chunked)
+            self._status = 200
+        self._stream.send(data)
+        self._size = self._stream.sent
+
+    def _stream_end(self) -> None:
+        if self._stream is not None:
+            self._stream.end()
+            self._size = self._stream.sent
 
     def _read_body(self, limit: int) -> bytearray:
         """The request's body, at most ``limit`` bytes, counted against the server's
@@ -3113,17 +3353,8 @@ class SnekboxHandler(BaseHTTPRequestHandler):
         """
         deadline = time.monotonic() + self.client_timeout + length / MIN_ANSWER_RATE
         self.connection.settimeout(self.client_timeout)    # the read deadline may be spent
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(length))
-        self.send_header("X-Request-Id", self.request_id)
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        if self.close_connection or self.server.stopping:
-            self.close_connection = True
-            self.send_header("Connection", "close")
-        self._response_started = True
-        self.end_headers()
+        self._send_head(status, {"Content-Type": "application/json",
+                                 "Content-Length": str(length)}, headers)
         if self.command != "HEAD":
             for piece in pieces:
                 self.connection.settimeout(max(min(self.client_timeout,
@@ -3132,6 +3363,22 @@ class SnekboxHandler(BaseHTTPRequestHandler):
                 self.wfile.write(piece)
         self.wfile.flush()
         self._status, self._size = status, length
+
+    def _send_head(self, status: int, framing: dict[str, str],
+                   headers: dict[str, str] | None = None) -> None:
+        """The status line and headers of an answer: ``framing`` (its type, and its
+        length or coding) first, then the request id and ``headers``."""
+        self.send_response(status)
+        for name, value in framing.items():
+            self.send_header(name, value)
+        self.send_header("X-Request-Id", self.request_id)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if self.close_connection or self.server.stopping:
+            self.close_connection = True
+            self.send_header("Connection", "close")
+        self._response_started = True
+        self.end_headers()
 
     def _send_error(self, status: int, title: str, description: str,
                     headers: dict[str, str] | None = None) -> None:
