@@ -3576,18 +3576,74 @@ def build_arg_parser() -> argparse.ArgumentParser:
             except argparse.ArgumentTypeError as e:
                 p.env_errors.append(f"{env}: {e}")  # type: ignore[attr-defined]
         p.add_argument(flag, type=convert, default=default, help=f"{help} [{env}]")
+    _add_commands(p)
     return p
+
+
+CLI_FAILED = 125    # snekbox could not run the program (as docker run's 125)
+
+
+def _add_commands(parser: argparse.ArgumentParser) -> None:
+    """``run`` and ``eval``: one evaluation from the command line instead of the server."""
+    how = ("One evaluation in a fresh jail, with the jail config and the flags the server "
+           "would use (no warm jails), and no server. The program's stdout and stderr "
+           "come out on ours as it writes them. Standard input, when it is not a terminal, "
+           "is read whole and given to the program; from a terminal it gets none. The "
+           f"exit status is the program's (128+N after signal N); {CLI_FAILED} when the "
+           "jail could not run it, 2 for bad usage.")
+    commands = parser.add_subparsers(
+        dest="command", title="one evaluation without a server",
+        description="snekbox.py [FLAGS] run FILE.py [ARGS...] | eval CODE [ARGS...]")
+    run = commands.add_parser("run", help="run FILE.py in the sandbox", description=how)
+    run.add_argument("file", metavar="FILE.py", help="the program: it goes into the jail's "
+                                                     "/home under its base name")
+    run.add_argument("args", nargs=argparse.REMAINDER, help="its arguments")
+    evaluate = commands.add_parser("eval", help="run CODE as python3 -c CODE", description=how)
+    evaluate.add_argument("code", metavar="CODE")
+    evaluate.add_argument("args", nargs=argparse.REMAINDER, help="its arguments")
+
+
+class CommandLineJob(NamedTuple):
+    """The evaluation of ``run`` or ``eval``: interpreter arguments and uploads."""
+
+    args: list[str]
+    files: list[File]
 
 
 def settings_from_args(argv: Sequence[str] | None = None) -> Settings:
     """Parse the command line (and environment) into Settings; exit 2 on bad values."""
+    return parse_command_line(argv)[0]
+
+
+def parse_command_line(argv: Sequence[str] | None = None) -> tuple[Settings, CommandLineJob | None]:
+    """The Settings, and the evaluation to run instead of the server (None: serve);
+    exit 2 on bad values or usage."""
     parser = build_arg_parser()
     if parser.env_errors:   # type: ignore[attr-defined]
         parser.error("; ".join(parser.env_errors))   # type: ignore[attr-defined]
     ns = parser.parse_args(argv)
     if ns.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         parser.error("--log-level must be DEBUG, INFO, WARNING or ERROR")
-    return Settings(**{**vars(ns), "log_level": ns.log_level.upper()})
+    job = command_line_job(parser, ns) if ns.command else None
+    values = {name: value for name, value in vars(ns).items() if name in Settings.__annotations__}
+    return Settings(**{**values, "log_level": ns.log_level.upper()}), job
+
+
+def command_line_job(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> CommandLineJob:
+    """The job of ``eval`` (``-c CODE``) or ``run`` (the file uploaded under its base
+    name and run by it, so that tracebacks name it); a usage error for a file that
+    can't be read."""
+    if ns.command == "eval":
+        return CommandLineJob(["-c", ns.code, *ns.args], [])
+    try:
+        with open(ns.file, "rb") as f:
+            source = f.read()
+    except OSError as e:
+        parser.error(f"cannot read {ns.file}: {e.strerror}")
+    name = os.path.basename(ns.file)
+    # A name that looks like an option would be taken for one by the interpreter.
+    return CommandLineJob([f"./{name}" if name.startswith("-") else name, *ns.args],
+                          [File(name, source)])
 
 
 def self_test(sandbox: Sandbox) -> None:
@@ -3619,6 +3675,64 @@ def sandbox_for(settings: Settings) -> Sandbox:
                    prewarm=settings.prewarm, jail_uid_base=settings.jail_uid_base)
 
 
+def run_once(settings: Settings, job: CommandLineJob) -> int:
+    """Run ``job`` in a sandbox of its own (no warm jails), its output passed on to our
+    stdout and stderr as it comes; the exit status (see ``_add_commands``)."""
+    settings.prewarm = 0
+    try:
+        sandbox = sandbox_for(settings)
+    except (SetupError, OSError) as e:
+        print(f"snekbox.py: {e}", file=sys.stderr)
+        return CLI_FAILED
+    relay = OutputRelay(copy_output)
+    try:
+        result = sandbox.run(job.args, stdin=_stdin_bytes(), files=job.files,
+                             split_stderr=True, tap=relay.tap)
+    except (InvalidRequest, SandboxUnavailable) as e:
+        relay.abandon()
+        print(f"snekbox.py: {e}", file=sys.stderr)
+        return 2 if isinstance(e, InvalidRequest) else CLI_FAILED
+    except KeyboardInterrupt:
+        relay.abandon()
+        return 128 + signal.SIGINT
+    finally:
+        sandbox.close()
+    relay.finish()
+    return exit_status(result, sandbox.caps)
+
+
+def _stdin_bytes() -> bytes:
+    """All of standard input, unless it is a terminal (or closed): then nothing."""
+    if sys.stdin is None or sys.stdin.isatty():
+        return b""
+    return sys.stdin.buffer.read()
+
+
+def copy_output(pieces: Iterator[tuple[str, bytes]]) -> None:
+    """A relay's work on the command line: the program's stdout to ours, its stderr to
+    ours, as they come."""
+    for name, data in pieces:
+        fd = sys.stderr.fileno() if name == "stderr" else sys.stdout.fileno()
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+
+
+def exit_status(result: EvalResult, caps: Limits) -> int:
+    """The exit status of a run from the command line; says on stderr why the jail
+    could not run the program, or which limit stopped it."""
+    if result.returncode is None:
+        print(f"snekbox.py: {result.error}", file=sys.stderr)
+        return CLI_FAILED
+    limits = {"timeout": f"stopped at the time limit of {caps.time:g} s",
+              "memory": f"killed at the memory limit of {caps.memory} bytes",
+              "output": f"stopped at the output limit of {caps.output} bytes"}
+    if result.status in limits:
+        print(f"snekbox.py: {result.status}: the program was {limits[result.status]} "
+              f"(exit status {result.returncode})", file=sys.stderr)
+    return min(result.returncode, 255)
+
+
 def stop_on_signals() -> threading.Event:
     """An event that SIGTERM or SIGINT sets, from now on."""
     stop = threading.Event()
@@ -3638,12 +3752,17 @@ def wait_for(stop: threading.Event) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Start the server; return the exit status (0 after SIGTERM or SIGINT)."""
-    settings = settings_from_args(argv)
+    """Start the server, or run one evaluation (``run``, ``eval``); return the exit
+    status (the server's: 0 after SIGTERM or SIGINT)."""
+    settings, job = parse_command_line(argv)
+    if job is not None and settings.log_level == "INFO":
+        settings.log_level = "WARNING"      # the log shares stderr with the program's
     logging.basicConfig(level=settings.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.log_level != "DEBUG":
         nsjail_log.setLevel(logging.WARNING)    # nsjail's INFO: a dozen lines per run
+    if job is not None:
+        return run_once(settings, job)
     try:
         sandbox = sandbox_for(settings)
     except (SetupError, OSError) as e:

@@ -1982,6 +1982,65 @@ class OperatorMistakesTests(unittest.TestCase):
         self.assertFalse(os.path.exists(root))
 
 
+@local_only
+class CommandLineTests(unittest.TestCase):
+    """``snekbox.py run`` and ``eval``: one evaluation in the sandbox, no server."""
+
+    def snekbox(self, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, SNEKBOX, "--config", SHORT_CONFIG, *args],
+                              input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL,
+                              capture_output=True, timeout=60)
+
+    def test_output_and_exit_status(self):
+        proc = self.snekbox("eval", "import sys\nprint('hi', sys.argv[1:])\nraise SystemExit(3)",
+                            "a")
+        self.assertEqual((proc.stdout, proc.stderr, proc.returncode), (b"hi ['a']\n", b"", 3))
+
+    def test_stderr_apart_and_stdin_passed_through(self):
+        code = "import sys\nprint(sys.stdin.read()[::-1])\nprint('err', file=sys.stderr)"
+        proc = self.snekbox("eval", code, stdin=b"\xc3\xa9data")
+        self.assertEqual((proc.stdout, proc.stderr, proc.returncode), ("atadé\n".encode(), b"err\n", 0))
+
+    def test_run_a_file_with_arguments(self):
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        path = os.path.join(folder, "prog.py")
+        write_file(path, "import sys\nprint(sys.argv)\n1 / 0\n")
+        proc = self.snekbox("run", path, "a", "--b")
+        self.assertEqual(proc.stdout, b"['prog.py', 'a', '--b']\n")
+        self.assertIn(b'prog.py", line 3', proc.stderr)
+        self.assertIn(b"ZeroDivisionError", proc.stderr)
+        self.assertEqual(proc.returncode, 1)
+
+    def test_a_limit_says_so_and_gives_the_status(self):
+        proc = self.snekbox("eval", "import time\nprint('begun', flush=True)\ntime.sleep(10)")
+        self.assertEqual(proc.stdout, b"begun\n")
+        self.assertEqual(proc.returncode, 137)
+        self.assertRegex(proc.stderr.decode(), rf"^snekbox.py: timeout: .*time limit of {TIME_LIMIT} s"
+                                               r".*137\)\n$")
+
+    def test_bad_usage_exits_2(self):
+        for args, text in ((["run", "/nonexistent-snekbox.py"], b"cannot read"),
+                           (["run"], b"FILE.py"), (["eval", "1", "--x"], None)):
+            with self.subTest(args=args):
+                proc = self.snekbox(*args)
+                if text is None:        # arguments after the code are the program's
+                    self.assertEqual(proc.returncode, 0, proc.stderr)
+                    continue
+                self.assertEqual(proc.returncode, 2)
+                self.assertIn(text, proc.stderr)
+                self.assertNotIn(b"Traceback", proc.stderr)
+
+    def test_a_jail_that_cannot_start_and_no_root_are_125(self):
+        proc = self.snekbox("--nsjail", "/bin/false", "eval", "print(1)")
+        self.assertEqual((proc.stdout, proc.returncode), (b"", 125), proc.stderr)
+        self.assertIn(b"snekbox.py: ", proc.stderr)
+        proc = subprocess.run([JAIL_PYTHON, SNEKBOX, "eval", "print(1)"], user=65534, group=65534,
+                              extra_groups=[], capture_output=True, timeout=60)
+        self.assertEqual(proc.returncode, 125)
+        self.assertIn(b"must run as root", proc.stderr)
+
+
 # --------------------------------------------------------------------------------------
 # Attacks: on the host, its kernel quotas, the server's memory and the library API
 # --------------------------------------------------------------------------------------
