@@ -40,12 +40,21 @@ also has ``stderr``. ``files`` holds the files the code created or changed in /h
 ``warnings`` lists request fields that had no effect. Errors are ``{"title": ...,
 "description": ...}`` with a 4xx status, or 503 when the server can't take the work.
 Every answer carries an ``X-Request-Id`` (the client's, when it sends a sane one).
+With ``Accept: application/x-ndjson`` the answer streams: a JSON line per piece of
+output as the jail produces it (``{"stdout": ...}``, or ``{"stderr": ...}``), then the
+answer above as the last line.
 
 ``GET /health`` answers 200 with the service's state while it takes requests.
 
 Each evaluation gets a fresh jail. ``--prewarm N`` keeps N of them started ahead of time,
 their interpreter waiting, so that a request starts in milliseconds; it runs exactly as
 in a jail started for it.
+
+One evaluation from the command line, without a server (the program's output and
+exit status pass through)::
+
+    python3 snekbox.py [FLAGS] run FILE.py [ARGS...]
+    python3 snekbox.py [FLAGS] eval CODE [ARGS...]
 
 As a library, without a server::
 
@@ -59,11 +68,12 @@ The chapters of this file, in order:
     Jail policy     reading snekbox.cfg
     Host            nsjail, cgroups, tmpfs mounts, host users, clean-up after a crash
     /home           the uploads going in and the files coming out
-    The jail        one nsjail process, and the exchange of bytes with it while it runs
+    The jail        one nsjail process, the exchange of bytes with it while it runs,
+                    and the tap that passes its output on meanwhile
     Warm jails      jails started ahead of time, and their pool
     Sandbox         the façade: one evaluation from arguments to result
     HTTP            request parsing, worker slots, the server and its handler
-    Command line    Settings, the flags that fill them, and main
+    Command line    Settings, the flags that fill them, one evaluation, and main
 """
 
 from __future__ import annotations
@@ -3450,7 +3460,7 @@ class SnekboxHandler(BaseHTTPRequestHandler):
 
 
 # --------------------------------------------------------------------------------------
-# Command line: Settings, the flags that fill them, and main
+# Command line: Settings, the flags that fill them, one evaluation, and main
 # --------------------------------------------------------------------------------------
 
 class Settings:
