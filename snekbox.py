@@ -1637,10 +1637,12 @@ class OutputTap:
         self._live = self._closed = False
 
     def attach(self, streams: dict[str, bytearray]) -> None:
-        """Follow ``streams`` ("stdout", "stderr") from their start (a run started anew
-        after a warm jail died waiting attaches its own)."""
+        """Follow ``streams`` ("stdout", "stderr") from their start, once their program
+        has started (a run started anew after a warm jail died waiting attaches its
+        own)."""
         with self._cond:
             self._streams, self._offsets = streams, dict.fromkeys(streams, 0)
+            self._live = False
 
     def grew(self, live: bool) -> None:
         """The streams may have grown; ``live``: the program has started."""
