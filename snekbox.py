@@ -41,6 +41,9 @@ also has ``stderr``. ``files`` holds the files the code created or changed in /h
 ``warnings`` lists request fields that had no effect. Errors are ``{"title": ...,
 "description": ...}`` with a 4xx status, or 503 when the server can't take the work.
 Every answer carries an ``X-Request-Id`` (the client's, when it sends a sane one).
+With ``Accept: application/x-ndjson`` the answer streams: a JSON line per piece of
+output as the jail produces it (``{"stdout": ...}``, or ``{"stderr": ...}``), then the
+answer above as the last line.
 
 ``GET /health`` answers 200 with the service's state while it takes requests;
 ``GET /info`` tells the version, the interpreters and packages in the jail and the
@@ -51,6 +54,12 @@ need ``Authorization: Bearer <token>`` (SIGHUP reads the file again).
 Each evaluation gets a fresh jail. ``--prewarm N`` keeps N of them started ahead of time,
 their interpreter waiting, so that a request starts in milliseconds; it runs exactly as
 in a jail started for it.
+
+One evaluation from the command line, without a server (the program's output and
+exit status pass through)::
+
+    python3 snekbox.py [FLAGS] run FILE.py [ARGS...]
+    python3 snekbox.py [FLAGS] eval CODE [ARGS...]
 
 As a library, without a server::
 
@@ -64,12 +73,14 @@ The chapters of this file, in order:
     Jail policy     reading snekbox.cfg
     Host            nsjail, cgroups, tmpfs mounts, host users, clean-up after a crash
     /home           the uploads going in and the files coming out
-    The jail        one nsjail process, and the exchange of bytes with it while it runs
+    The jail        one nsjail process, the exchange of bytes with it while it runs,
+                    and the tap that passes its output on meanwhile
     Warm jails      jails started ahead of time, and their pool
     Sandbox         the façade: one evaluation from arguments to result
     HTTP            request parsing, worker slots, metrics, tokens, /info and the
                     OpenAPI document, the server and its handler
-    Command line    Settings, the flags that fill them, logging, signals, and main
+    Command line    Settings, the flags that fill them, logging, signals, one evaluation,
+                    and main
 """
 
 from __future__ import annotations
@@ -78,6 +89,7 @@ import argparse
 import base64
 import binascii
 import bisect
+import codecs
 import collections
 import ctypes
 import errno
@@ -113,7 +125,7 @@ import weakref
 import http.client
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 import email.parser
 from email.message import Message
 from typing import Any, NamedTuple
@@ -1705,19 +1717,131 @@ _EXECUTING = b"] Executing '"
 _ENDED = (b") exited with status: ", b") terminated with signal: ")
 
 
+TAP_PIECE = 64 * 1024   # bytes of output a tap gives out at a time
+
+
+class OutputTap:
+    """A run's output as the jail produces it, for another thread to pass on meanwhile.
+
+    The Exchange shares its output buffers with the tap (``attach``) and says when they
+    may have grown (``grew``); ``pieces`` gives out what is new by offset, so the
+    output is never queued a second time, and a reader that falls behind costs no more
+    memory than the run's output limit. Nothing goes out before the program has started
+    (nsjail's own complaints, when it can't start it, are not the program's output)
+    unless the tap is closed: after the run, ``close`` lets ``pieces`` give out the rest
+    and end; ``discard`` ends it with nothing more.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._streams: dict[str, bytearray] = {}
+        self._offsets: dict[str, int] = {}
+        self._live = self._closed = False
+
+    def attach(self, streams: dict[str, bytearray]) -> None:
+        """Follow ``streams`` ("stdout", "stderr") from their start, once their program
+        has started (a run started anew after a warm jail died waiting attaches its
+        own)."""
+        with self._cond:
+            self._streams, self._offsets = streams, dict.fromkeys(streams, 0)
+            self._live = False
+
+    def grew(self, live: bool) -> None:
+        """The streams may have grown; ``live``: the program has started."""
+        with self._cond:
+            self._live = self._live or live
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """The run is over: what is left may go out, then ``pieces`` ends."""
+        with self._cond:
+            self._live = self._closed = True
+            self._cond.notify_all()
+
+    def discard(self) -> None:
+        """End ``pieces`` now, giving out nothing more."""
+        with self._cond:
+            self._streams, self._closed = {}, True
+            self._cond.notify_all()
+
+    def pieces(self, size: int = TAP_PIECE) -> Iterator[tuple[str, bytes]]:
+        """(stream, bytes) of at most ``size`` bytes, each stream in order, as they come;
+        ends once the tap is closed and all is given out."""
+        while True:
+            with self._cond:
+                piece = self._next(size)
+                while piece is None and not self._closed:
+                    self._cond.wait()
+                    piece = self._next(size)
+            if piece is None:
+                return
+            yield piece
+
+    def _next(self, size: int) -> tuple[str, bytes] | None:
+        if not self._live:
+            return None
+        for name, data in self._streams.items():
+            # The Exchange appends without this lock: a bytearray's length, append and
+            # slice are each one step under the GIL.
+            offset = self._offsets[name]
+            if len(data) > offset:
+                piece = bytes(data[offset:offset + size])
+                self._offsets[name] = offset + len(piece)
+                return name, piece
+        return None
+
+
+class OutputRelay:
+    """A thread that passes a run's output on while the run goes on.
+
+    ``consume`` gets the pieces of ``tap`` (an iterator that ends after the run) and
+    passes them on; an OSError from it (where they go is gone, or stopped taking them)
+    ends the relay and goes to ``failed``. After the run, ``finish`` lets the rest go
+    out; ``abandon`` stops it when the run never came to an end of its own.
+    """
+
+    def __init__(self, consume: Callable[[Iterator[tuple[str, bytes]]], None],
+                 failed: Callable[[OSError], None] = lambda error: None):
+        self.tap = OutputTap()
+        self.error: OSError | None = None
+        self._consume, self._failed = consume, failed
+        self._thread = threading.Thread(target=self._relay, name="relay", daemon=True)
+        self._thread.start()
+
+    def _relay(self) -> None:
+        try:
+            self._consume(self.tap.pieces())
+        except OSError as e:
+            self.error = e
+            self._failed(e)
+
+    def finish(self) -> bool:
+        """Wait until the rest of the output has gone out; whether all of it did."""
+        self.tap.close()
+        self._thread.join()
+        return self.error is None
+
+    def abandon(self) -> None:
+        """Stop at once, passing nothing more on."""
+        self.tap.discard()
+        self._thread.join()
+
+
 class Exchange:
     """Moves bytes between snekbox and a running jail until its streams end.
 
     It feeds stdin (and a warm jail its job, a descriptor, the bytes and how to close
     it), keeps ``limits.output`` bytes of output (more stops the jail), keeps nsjail's
     log, stops the jail at ``limits.time`` (and kills nsjail KILL_GRACE after) and when
-    ``client`` hangs up. ``run`` returns an Outcome. Each selector key's data is the
-    bound method that handles it.
+    ``client`` hangs up. ``tap``, if given, shares the output while the run goes on.
+    ``run`` returns an Outcome. Each selector key's data is the bound method that
+    handles it.
     """
 
     def __init__(self, jail: JailProcess, *, stdin: bytes, limits: Limits,
                  client: socket.socket | None = None,
-                 job: tuple[int, bytes, Callable[[], None]] | None = None):
+                 job: tuple[int, bytes, Callable[[], None]] | None = None,
+                 tap: OutputTap | None = None):
         self.jail, self.limits, self.client = jail, limits, client
         popen = jail.popen
         self._outputs = {popen.stdout.fileno(): bytearray()} if popen.stdout else {}
@@ -1735,6 +1859,10 @@ class Exchange:
         self.started: float | None = None
         self.ended: float | None = None
         self._sel = selectors.DefaultSelector()
+        self.tap = tap
+        if tap is not None:
+            tap.attach({"stderr" if fd == self._stderr_fd else "stdout": output
+                        for fd, output in self._outputs.items()})
 
     def run(self) -> Outcome:
         """Exchange bytes until the jail's streams end; wait for nsjail to exit."""
@@ -1755,6 +1883,8 @@ class Exchange:
                     break
                 for key, _ in self._sel.select(timeout):
                     key.data(key)
+                if self.tap is not None:
+                    self.tap.grew(live=self.started is not None)
         for _, close in self._writers.values():
             close()
         status = self.jail.finish(KILL_GRACE)
@@ -2247,6 +2377,7 @@ class Call(NamedTuple):
     client: socket.socket | None
     limits: Limits
     split_stderr: bool
+    tap: OutputTap | None = None
 
 
 class Ran(NamedTuple):
@@ -2323,14 +2454,16 @@ class Sandbox:
     def run(self, args: Sequence[str], *, stdin: bytes = b"", files: Sequence[File] = (),
             executable_path: str | None = None, client: socket.socket | None = None,
             limits: dict[str, float] | None = None, split_stderr: bool = False,
-            answer: Callable[[EvalResult], None] | None = None) -> EvalResult:
+            answer: Callable[[EvalResult], None] | None = None,
+            tap: OutputTap | None = None) -> EvalResult:
         """Run the interpreter with ``args`` in a fresh jail and return what happened.
 
         ``files`` are written to /home first; the files the run creates or changes come
         back in ``result.files``. ``client``, if given, is a connected socket whose
         hang-up cancels the run. ``limits`` lowers the config's (see Limits);
         ``split_stderr`` keeps stderr apart. ``answer``, if given, gets the result as soon
-        as it is known, before the jail is taken down (the server sends it then). Raises
+        as it is known, before the jail is taken down (the server sends it then).
+        ``tap``, if given, shares the output as the jail produces it. Raises
         InvalidRequest for arguments,
         files, limits or an executable that can't be used, and SandboxUnavailable when
         nsjail or the tmpfs can't be started.
@@ -2339,7 +2472,7 @@ class Sandbox:
         args = check_args(check_types(args, stdin, executable_path))
         call = Call(args, bytes(stdin), check_files(files, self.files_limit),
                     check_executable(self.config, executable_path) if executable_path else None,
-                    client, check_limits(limits, self.caps), split_stderr)
+                    client, check_limits(limits, self.caps), split_stderr, tap)
         index = code_argument_index(args)
         if index is not None and "\0" in args[index]:
             # What Python says of such -c code; clients of python-discord/snekbox show it.
@@ -2363,7 +2496,7 @@ class Sandbox:
                     pass_fds=code_fds, cgroup=cell.cgroup)
             with jail:
                 outcome = Exchange(jail, stdin=call.stdin, limits=call.limits,
-                                   client=call.client).run()
+                                   client=call.client, tap=call.tap).run()
             _check_started(outcome)
             return finish(self._collected(cell, outcome, warm=False))
 
@@ -2384,7 +2517,7 @@ class Sandbox:
             orig_argv = [self.config.exec_path, *self.config.exec_args, *call.args]
             payload = marshal.dumps((*job, orig_argv))
             outcome = Exchange(jail.process, stdin=call.stdin, limits=call.limits,
-                               client=call.client,
+                               client=call.client, tap=call.tap,
                                job=(jail.job_w, payload, jail.close_job)).run()
             ran = self._collected(jail.cell, outcome, warm=True)
             if ran.report.child_status is None:
@@ -3277,6 +3410,21 @@ def is_chunked(headers: Message) -> bool:
     return True
 
 
+NDJSON = "application/x-ndjson"
+_Q_ZERO = re.compile(r"q=0(?:\.0{0,3})?", re.IGNORECASE)
+
+
+def wants_ndjson(headers: Message) -> bool:
+    """Whether the request's Accept names application/x-ndjson (not with q=0): its
+    answer then streams. Anything else (none, */*, application/json) gets the plain
+    answer."""
+    for item in ",".join(headers.get_all("Accept") or ()).split(","):
+        kind, *params = item.split(";")
+        if kind.strip(" \t").lower() == NDJSON:
+            return not any(_Q_ZERO.fullmatch(p.replace(" ", "")) for p in params)
+    return False
+
+
 # Errors after which a body not read yet can't be trusted to end where it says.
 CLOSING_ERRORS = frozenset((400, 408, 411, 413, 415, 501))
 _METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")     # RFC 9110's token
@@ -3361,6 +3509,58 @@ def answer_pieces(result: EvalResult,
     return length, pieces()
 
 
+def ndjson_lines(pieces: Iterable[tuple[str, bytes]]) -> Iterator[bytes]:
+    """The lines of a streamed answer for pieces of output: ``{"stdout": "..."}`` or
+    ``{"stderr": "..."}``. Each stream is decoded as UTF-8 on its own and as it comes,
+    so that its lines joined are its text in the final answer: a character split
+    between two pieces stays one, and invalid bytes are replaced alike."""
+    decoders: dict[str, codecs.IncrementalDecoder] = {}
+    for name, data in pieces:
+        if name not in decoders:
+            decoders[name] = codecs.getincrementaldecoder("utf-8")("replace")
+        yield from _ndjson_line(name, decoders[name].decode(data))
+    for name, decoder in decoders.items():
+        yield from _ndjson_line(name, decoder.decode(b"", final=True))
+
+
+def _ndjson_line(name: str, text: str) -> list[bytes]:
+    return [_json_bytes({name: text}) + b"\n"] if text else []
+
+
+class AnswerStream:
+    """The body of a streamed answer on ``sock``: each part a chunk (``chunked``), or
+    as it is where the end of the connection ends the body (HTTP/1.0).
+
+    Paced as every answer is: a client must take each part within ``timeout`` seconds
+    and all it was sent at MIN_ANSWER_RATE beyond ``timeout``, counting only the time
+    spent waiting on the client, not the program's pauses.
+    """
+
+    def __init__(self, sock: socket.socket, timeout: float, chunked: bool):
+        self.sock, self.timeout, self.chunked = sock, timeout, chunked
+        self.sent = 0
+        self._waited = 0.0
+
+    def send(self, data: bytes) -> None:
+        if data:
+            self._send(b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data)
+
+    def end(self) -> None:
+        """The end of the body (chunked: the last chunk; else the connection's end)."""
+        if self.chunked:
+            self._send(b"0\r\n\r\n")
+
+    def _send(self, data: bytes) -> None:
+        allowed = self.timeout + (self.sent + len(data)) / MIN_ANSWER_RATE - self._waited
+        self.sock.settimeout(max(min(self.timeout, allowed), 0.001))
+        began = time.monotonic()
+        try:
+            self.sock.sendall(data)
+        finally:
+            self._waited += time.monotonic() - began
+        self.sent += len(data)
+
+
 class SnekboxHandler(BaseHTTPRequestHandler):
     """Answers ``POST /eval`` and ``GET /health``; every answer is JSON."""
 
@@ -3434,6 +3634,7 @@ class SnekboxHandler(BaseHTTPRequestHandler):
         started = time.monotonic()
         self._status, self._size, self._body_read, self._body_held = 0, 0, False, 0
         self._note, self._received = "", 0
+        self._stream: AnswerStream | None = None
         self.request_id = request_id(self.headers.get("X-Request-Id"))
         try:
             self._route()
@@ -3584,22 +3785,31 @@ class SnekboxHandler(BaseHTTPRequestHandler):
         self.server.metrics.count_wait(time.monotonic() - queued)
 
     def _run(self, request: EvalRequest) -> None:
-        """Run ``request`` in the sandbox; answer as soon as the result is known."""
+        """Run ``request`` in the sandbox; answer as soon as the result is known (with
+        Accept: application/x-ndjson, the output streams meanwhile)."""
         warnings = [f"{name}: no such field; it was ignored" for name in request.ignored]
+        relay = OutputRelay(self._send_lines, self._hang_up) \
+            if wants_ndjson(self.headers) else None
         try:
             self.server.sandbox.run(
                 request.args, stdin=request.stdin, files=request.files,
                 executable_path=request.executable_path, client=self.connection,
                 limits=request.limits, split_stderr=request.stderr,
-                answer=lambda result: self._answer(result, warnings))
+                answer=lambda result: self._answer(result, warnings, relay),
+                tap=relay.tap if relay else None)
         except SandboxUnavailable as e:
             log.error("%s", e)
             self.server.metrics.count_rejection("sandbox")
             raise InvalidRequest.http(503, str(e), {"Retry-After": "1"}) from None
+        finally:
+            if relay is not None:
+                relay.abandon()     # unanswered: nothing was sent, an error answer can be
 
-    def _answer(self, result: EvalResult, warnings: list[str]) -> None:
+    def _answer(self, result: EvalResult, warnings: list[str],
+                relay: OutputRelay | None = None) -> None:
         """Count and log the evaluation, and send its answer (unless its client went
-        away)."""
+        away); with a ``relay``, the rest of the output first, and the answer as the
+        last line."""
         self.server.metrics.count_evaluation(result)
         usage = result.usage or Usage(0.0, None, None)
         fields = {"id": self.request_id, "status": result.status,
@@ -3612,11 +3822,54 @@ class SnekboxHandler(BaseHTTPRequestHandler):
                  "-" if usage.cpu is None else f"{usage.cpu:.3f}s",
                  "-" if usage.memory is None else usage.memory, result.duration,
                  f" error={result.error!r}" if result.error else "", extra={"fields": fields})
+        if relay is not None and not relay.finish():
+            self._note = f"the stream was cut off: {relay.error}"
+            self._abort()
+            return
         if result.status == "cancelled":
             self.close_connection = True
             return      # nobody to answer
         length, pieces = answer_pieces(result, {"warnings": warnings} if warnings else {})
-        self._send_answer(200, length, pieces)
+        if relay is None:
+            self._send_answer(200, length, pieces)
+            return
+        for piece in pieces:
+            self._stream_send(piece)
+        self._stream_send(b"\n")
+        self._stream_end()
+
+    def _send_lines(self, pieces: Iterator[tuple[str, bytes]]) -> None:
+        """The relay's work: each piece of output to the client as an ndjson line."""
+        for line in ndjson_lines(pieces):
+            self._stream_send(line)
+
+    def _hang_up(self, error: OSError) -> None:
+        """The client did not take the stream in time, or is gone: hanging up cancels
+        the run (the Exchange watches the connection)."""
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _stream_send(self, data: bytes) -> None:
+        """Send ``data`` as the next part of a streamed answer, after the status line
+        and headers the first time."""
+        if self._stream is None:
+            chunked = self.request_version != "HTTP/1.0"
+            self.close_connection = self.close_connection or not chunked
+            self.connection.settimeout(self.client_timeout)
+            self._send_head(200, {"Content-Type": NDJSON,
+                                  **({"Transfer-Encoding": "chunked"} if chunked else {})})
+            self.wfile.flush()
+            self._stream = AnswerStream(self.connection, self.client_timeout, chunked)
+            self._status = 200
+        self._stream.send(data)
+        self._size = self._stream.sent
+
+    def _stream_end(self) -> None:
+        if self._stream is not None:
+            self._stream.end()
+            self._size = self._stream.sent
 
     def _read_body(self, limit: int) -> bytearray:
         """The request's body, at most ``limit`` bytes, counted against the server's
@@ -3661,17 +3914,8 @@ class SnekboxHandler(BaseHTTPRequestHandler):
         """
         deadline = time.monotonic() + self.client_timeout + length / MIN_ANSWER_RATE
         self.connection.settimeout(self.client_timeout)    # the read deadline may be spent
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(length))
-        self.send_header("X-Request-Id", self.request_id)
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        if self.close_connection or self.server.stopping:
-            self.close_connection = True
-            self.send_header("Connection", "close")
-        self._response_started = True
-        self.end_headers()
+        self._send_head(status, {"Content-Type": content_type,
+                                 "Content-Length": str(length)}, headers)
         if self.command != "HEAD":
             for piece in pieces:
                 self.connection.settimeout(max(min(self.client_timeout,
@@ -3680,6 +3924,22 @@ class SnekboxHandler(BaseHTTPRequestHandler):
                 self.wfile.write(piece)
         self.wfile.flush()
         self._status, self._size = status, length
+
+    def _send_head(self, status: int, framing: dict[str, str],
+                   headers: dict[str, str] | None = None) -> None:
+        """The status line and headers of an answer: ``framing`` (its type, and its
+        length or coding) first, then the request id and ``headers``."""
+        self.send_response(status)
+        for name, value in framing.items():
+            self.send_header(name, value)
+        self.send_header("X-Request-Id", self.request_id)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if self.close_connection or self.server.stopping:
+            self.close_connection = True
+            self.send_header("Connection", "close")
+        self._response_started = True
+        self.end_headers()
 
     def _send_error(self, status: int, title: str, description: str,
                     headers: dict[str, str] | None = None) -> None:
@@ -3751,7 +4011,8 @@ class SnekboxHandler(BaseHTTPRequestHandler):
 
 
 # --------------------------------------------------------------------------------------
-# Command line: Settings, the flags that fill them, logging, signals, and main
+# Command line: Settings, the flags that fill them, logging, signals, one evaluation,
+# and main
 # --------------------------------------------------------------------------------------
 
 class Settings:
@@ -3897,12 +4158,48 @@ def build_arg_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument(flag, type=convert, default=default, help=f"{help} [{env}]")
     p.add_argument("--version", action="version", version=f"snekbox {__version__}")
+    _add_commands(p)
     return p
 
+
+CLI_FAILED = 125    # snekbox could not run the program (as docker run's 125)
+
+
+def _add_commands(parser: argparse.ArgumentParser) -> None:
+    """``run`` and ``eval``: one evaluation from the command line instead of the server."""
+    how = ("One evaluation in a fresh jail, with the jail config and the flags the server "
+           "would use (no warm jails), and no server. The program's stdout and stderr "
+           "come out on ours as it writes them. Standard input, when it is not a terminal, "
+           "is read whole and given to the program; from a terminal it gets none. The "
+           f"exit status is the program's (128+N after signal N); {CLI_FAILED} when the "
+           "jail could not run it, 2 for bad usage.")
+    commands = parser.add_subparsers(
+        dest="command", title="one evaluation without a server",
+        description="snekbox.py [FLAGS] run FILE.py [ARGS...] | eval CODE [ARGS...]")
+    run = commands.add_parser("run", help="run FILE.py in the sandbox", description=how)
+    run.add_argument("file", metavar="FILE.py", help="the program: it goes into the jail's "
+                                                     "/home under its base name")
+    run.add_argument("args", nargs=argparse.REMAINDER, help="its arguments")
+    evaluate = commands.add_parser("eval", help="run CODE as python3 -c CODE", description=how)
+    evaluate.add_argument("code", metavar="CODE")
+    evaluate.add_argument("args", nargs=argparse.REMAINDER, help="its arguments")
+
+
+class CommandLineJob(NamedTuple):
+    """The evaluation of ``run`` or ``eval``: interpreter arguments and uploads."""
+
+    args: list[str]
+    files: list[File]
 
 
 def settings_from_args(argv: Sequence[str] | None = None) -> Settings:
     """Parse the command line (and environment) into Settings; exit 2 on bad values."""
+    return parse_command_line(argv)[0]
+
+
+def parse_command_line(argv: Sequence[str] | None = None) -> tuple[Settings, CommandLineJob | None]:
+    """The Settings, and the evaluation to run instead of the server (None: serve);
+    exit 2 on bad values or usage."""
     parser = build_arg_parser()
     if parser.env_errors:   # type: ignore[attr-defined]
         parser.error("; ".join(parser.env_errors))   # type: ignore[attr-defined]
@@ -3913,7 +4210,26 @@ def settings_from_args(argv: Sequence[str] | None = None) -> Settings:
         parser.error("--log-format must be text or json")
     if ns.protect_metrics and not ns.token_file:
         parser.error("--protect-metrics needs --token-file: without tokens nothing is protected")
-    return Settings(**{**vars(ns), "log_level": ns.log_level.upper()})
+    job = command_line_job(parser, ns) if ns.command else None
+    values = {name: value for name, value in vars(ns).items() if name in Settings.__annotations__}
+    return Settings(**{**values, "log_level": ns.log_level.upper()}), job
+
+
+def command_line_job(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> CommandLineJob:
+    """The job of ``eval`` (``-c CODE``) or ``run`` (the file uploaded under its base
+    name and run by it, so that tracebacks name it); a usage error for a file that
+    can't be read."""
+    if ns.command == "eval":
+        return CommandLineJob(["-c", ns.code, *ns.args], [])
+    try:
+        with open(ns.file, "rb") as f:
+            source = f.read()
+    except OSError as e:
+        parser.error(f"cannot read {ns.file}: {e.strerror}")
+    name = os.path.basename(ns.file)
+    # A name that looks like an option would be taken for one by the interpreter.
+    return CommandLineJob([f"./{name}" if name.startswith("-") else name, *ns.args],
+                          [File(name, source)])
 
 
 def self_test(sandbox: Sandbox) -> None:
@@ -3943,6 +4259,64 @@ def sandbox_for(settings: Settings) -> Sandbox:
                    memfs_size=settings.memfs_size, files_limit=settings.files_limit,
                    files_timeout=settings.files_timeout, user_base=settings.user_base,
                    prewarm=settings.prewarm, jail_uid_base=settings.jail_uid_base)
+
+
+def run_once(settings: Settings, job: CommandLineJob) -> int:
+    """Run ``job`` in a sandbox of its own (no warm jails), its output passed on to our
+    stdout and stderr as it comes; the exit status (see ``_add_commands``)."""
+    settings.prewarm = 0
+    try:
+        sandbox = sandbox_for(settings)
+    except (SetupError, OSError) as e:
+        print(f"snekbox.py: {e}", file=sys.stderr)
+        return CLI_FAILED
+    relay = OutputRelay(copy_output)
+    try:
+        result = sandbox.run(job.args, stdin=_stdin_bytes(), files=job.files,
+                             split_stderr=True, tap=relay.tap)
+    except (InvalidRequest, SandboxUnavailable) as e:
+        relay.abandon()
+        print(f"snekbox.py: {e}", file=sys.stderr)
+        return 2 if isinstance(e, InvalidRequest) else CLI_FAILED
+    except KeyboardInterrupt:
+        relay.abandon()
+        return 128 + signal.SIGINT
+    finally:
+        sandbox.close()
+    relay.finish()
+    return exit_status(result, sandbox.caps)
+
+
+def _stdin_bytes() -> bytes:
+    """All of standard input, unless it is a terminal (or closed): then nothing."""
+    if sys.stdin is None or sys.stdin.isatty():
+        return b""
+    return sys.stdin.buffer.read()
+
+
+def copy_output(pieces: Iterator[tuple[str, bytes]]) -> None:
+    """A relay's work on the command line: the program's stdout to ours, its stderr to
+    ours, as they come."""
+    for name, data in pieces:
+        fd = sys.stderr.fileno() if name == "stderr" else sys.stdout.fileno()
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+
+
+def exit_status(result: EvalResult, caps: Limits) -> int:
+    """The exit status of a run from the command line; says on stderr why the jail
+    could not run the program, or which limit stopped it."""
+    if result.returncode is None:
+        print(f"snekbox.py: {result.error}", file=sys.stderr)
+        return CLI_FAILED
+    limits = {"timeout": f"stopped at the time limit of {caps.time:g} s",
+              "memory": f"killed at the memory limit of {caps.memory} bytes",
+              "output": f"stopped at the output limit of {caps.output} bytes"}
+    if result.status in limits:
+        print(f"snekbox.py: {result.status}: the program was {limits[result.status]} "
+              f"(exit status {result.returncode})", file=sys.stderr)
+    return min(result.returncode, 255)
 
 
 def stop_on_signals() -> threading.Event:
@@ -3998,9 +4372,14 @@ def reload_on_sighup(tokens: BearerTokens | None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Start the server; return the exit status (0 after SIGTERM or SIGINT)."""
-    settings = settings_from_args(argv)
+    """Start the server, or run one evaluation (``run``, ``eval``); return the exit
+    status (the server's: 0 after SIGTERM or SIGINT)."""
+    settings, job = parse_command_line(argv)
+    if job is not None and settings.log_level == "INFO":
+        settings.log_level = "WARNING"      # the log shares stderr with the program's
     set_up_logging(settings)
+    if job is not None:
+        return run_once(settings, job)
     try:
         tokens = BearerTokens(settings.token_file) if settings.token_file else None
         sandbox = sandbox_for(settings)

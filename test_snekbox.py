@@ -39,7 +39,7 @@ import snekbox
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "tools"))
-from harness import (eval_request, jail_pids_using,  # noqa: E402
+from harness import (PeakRss, eval_request, jail_pids_using,  # noqa: E402
                      launch_server, tcp_state, wait_until)
 SNEKBOX = os.path.join(HERE, "snekbox.py")
 # SNEKBOX_CONFIG names another jail config for the servers and sandboxes the tests
@@ -757,6 +757,53 @@ class ExchangeTests(unittest.TestCase):
                                    job=(job_w, b"the job", lambda: os.close(job_w))).run()
         self.assertEqual(outcome.stdout, b"the job")
         self.assertLessEqual(outcome.started, outcome.ended)
+
+
+class OutputTapTests(unittest.TestCase):
+    """The tap and the relay passing an Exchange's output on while it runs."""
+
+    def test_nothing_goes_out_before_the_program_has_started(self):
+        # A cold jail has started when nsjail's log says so; a plain process never says
+        # so, so its output goes out after the run, whole.
+        seen = []
+        relay = snekbox.OutputRelay(lambda pieces: seen.extend(pieces))
+        jail = snekbox.JailProcess(lambda log: ["sh", "-c", "echo a; sleep 0.5; echo b >&2; echo c"],
+                                   stdin=False, split_stderr=True)
+        outcome = snekbox.Exchange(jail, stdin=b"", limits=ExchangeTests.LIMITS, tap=relay.tap).run()
+        self.assertEqual(seen, [])
+        self.assertTrue(relay.finish())
+        self.assertEqual(seen, [("stdout", b"a\nc\n"), ("stderr", b"b\n")])
+        self.assertEqual((outcome.stdout, outcome.stderr), (b"a\nc\n", b"b\n"))
+
+    def test_a_started_program_streams_before_it_ends(self):
+        seen = []
+        relay = snekbox.OutputRelay(lambda pieces: seen.extend(d for _, d in pieces))
+        job_r, job_w = os.pipe()
+        jail = snekbox.JailProcess(lambda log: ["sh", "-c", f"cat <&{job_r}; sleep 1; echo b"],
+                                   stdin=False, pass_fds=(job_r,))
+        os.close(job_r)
+        exchange = snekbox.Exchange(jail, stdin=b"", limits=ExchangeTests.LIMITS, tap=relay.tap,
+                                    job=(job_w, b"a\n", lambda: os.close(job_w)))
+        thread = threading.Thread(target=exchange.run)
+        thread.start()
+        wait_until(lambda: seen, 5, "the first line passed on")
+        self.assertEqual(seen, [b"a\n"])       # before "b", written a second later
+        thread.join()
+        relay.finish()
+        self.assertEqual(b"".join(seen), b"a\nb\n")
+
+    def test_lines_decode_like_the_final_answer(self):
+        alphabet = [b"\xff", b"\x00", b"a", b"\n", "é".encode(), "€".encode(), "😀".encode(),
+                    b"\xe2\x82", b"\xf0\x9f", b"\xed\xa0\x80", b'"', b"\\"]
+        rng = random.Random(15)
+        for _ in range(2000):
+            data = b"".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+            cuts = sorted(rng.sample(range(len(data) + 1), min(len(data) + 1, 3)))
+            pieces = [("stdout", data[a:b]) for a, b in zip([0, *cuts], [*cuts, len(data)])]
+            lines = list(snekbox.ndjson_lines(pieces))
+            self.assertTrue(all(line.count(b"\n") == 1 and line.endswith(b"\n") for line in lines))
+            joined = "".join(json.loads(line)["stdout"] for line in lines)
+            self.assertEqual(joined, data.decode("utf-8", "replace"), (data, cuts))
 
 
 class BodyReaderTests(unittest.TestCase):
@@ -1965,6 +2012,65 @@ class OperatorMistakesTests(unittest.TestCase):
         self.assertFalse(os.path.exists(root))
 
 
+@local_only
+class CommandLineTests(unittest.TestCase):
+    """``snekbox.py run`` and ``eval``: one evaluation in the sandbox, no server."""
+
+    def snekbox(self, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, SNEKBOX, "--config", SHORT_CONFIG, *args],
+                              input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL,
+                              capture_output=True, timeout=60)
+
+    def test_output_and_exit_status(self):
+        proc = self.snekbox("eval", "import sys\nprint('hi', sys.argv[1:])\nraise SystemExit(3)",
+                            "a")
+        self.assertEqual((proc.stdout, proc.stderr, proc.returncode), (b"hi ['a']\n", b"", 3))
+
+    def test_stderr_apart_and_stdin_passed_through(self):
+        code = "import sys\nprint(sys.stdin.read()[::-1])\nprint('err', file=sys.stderr)"
+        proc = self.snekbox("eval", code, stdin=b"\xc3\xa9data")
+        self.assertEqual((proc.stdout, proc.stderr, proc.returncode), ("atadé\n".encode(), b"err\n", 0))
+
+    def test_run_a_file_with_arguments(self):
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        path = os.path.join(folder, "prog.py")
+        write_file(path, "import sys\nprint(sys.argv)\n1 / 0\n")
+        proc = self.snekbox("run", path, "a", "--b")
+        self.assertEqual(proc.stdout, b"['prog.py', 'a', '--b']\n")
+        self.assertIn(b'prog.py", line 3', proc.stderr)
+        self.assertIn(b"ZeroDivisionError", proc.stderr)
+        self.assertEqual(proc.returncode, 1)
+
+    def test_a_limit_says_so_and_gives_the_status(self):
+        proc = self.snekbox("eval", "import time\nprint('begun', flush=True)\ntime.sleep(10)")
+        self.assertEqual(proc.stdout, b"begun\n")
+        self.assertEqual(proc.returncode, 137)
+        self.assertRegex(proc.stderr.decode(), rf"^snekbox.py: timeout: .*time limit of {TIME_LIMIT} s"
+                                               r".*137\)\n$")
+
+    def test_bad_usage_exits_2(self):
+        for args, text in ((["run", "/nonexistent-snekbox.py"], b"cannot read"),
+                           (["run"], b"FILE.py"), (["eval", "1", "--x"], None)):
+            with self.subTest(args=args):
+                proc = self.snekbox(*args)
+                if text is None:        # arguments after the code are the program's
+                    self.assertEqual(proc.returncode, 0, proc.stderr)
+                    continue
+                self.assertEqual(proc.returncode, 2)
+                self.assertIn(text, proc.stderr)
+                self.assertNotIn(b"Traceback", proc.stderr)
+
+    def test_a_jail_that_cannot_start_and_no_root_are_125(self):
+        proc = self.snekbox("--nsjail", "/bin/false", "eval", "print(1)")
+        self.assertEqual((proc.stdout, proc.returncode), (b"", 125), proc.stderr)
+        self.assertIn(b"snekbox.py: ", proc.stderr)
+        proc = subprocess.run([JAIL_PYTHON, SNEKBOX, "eval", "print(1)"], user=65534, group=65534,
+                              extra_groups=[], capture_output=True, timeout=60)
+        self.assertEqual(proc.returncode, 125)
+        self.assertIn(b"must run as root", proc.stderr)
+
+
 # --------------------------------------------------------------------------------------
 # Attacks: on the host, its kernel quotas, the server's memory and the library API
 # --------------------------------------------------------------------------------------
@@ -2200,6 +2306,16 @@ class ServerMemoryTests(ServerTestCase):
         result = self.server.eval(input=code)
         self.assertEqual(result["files"][0]["size"], 30 * MiB)
 
+    def test_a_stream_not_taken_in_time_is_cut_off_and_its_run_cancelled(self):
+        s, rid = stream_never_read(self.server)
+        with s:
+            wait_until(lambda: tcp_state(s) == "closed", 10, "the connection reset")
+            # Cancelled: the client's rule ended the run, before its time limit could.
+            wait_until(lambda: self.server.logged(f"id={rid} status=cancelled"), 5,
+                       "the run cancelled")
+            wait_until(lambda: self.server.logged("the stream was cut off"), 5,
+                       "the cut-off in the log")
+
     def test_stalled_bodies_share_one_budget(self):
         stalled = []
         head = (b"POST /eval HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -2243,6 +2359,159 @@ class ServerMemoryTests(ServerTestCase):
         status, _, data = self.server.post({"input": "", "files": [{"path": "d/" * 40 + "f"}]})
         self.assertEqual(status, 400)
         self.assertIn("folders deep", data["description"])
+
+
+NDJSON = {"Content-Type": "application/json", "Accept": "application/x-ndjson"}
+
+
+def stream_never_read(server: Server) -> tuple[socket.socket, str]:
+    """A streamed evaluation, on a socket that is never read, of a program that writes
+    900,000 NULs (over 5 MB of JSON, far more than the socket's buffers hold) and then
+    sleeps; the socket and the request's id."""
+    rid = f"never-reads-{os.getpid()}-{random.randrange(10**9)}"
+    body = json.dumps({"input": "import sys, time\nsys.stdout.write('\\0' * 900_000)\n"
+                                "sys.stdout.flush()\ntime.sleep(30)"}).encode()
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", server.port))
+    s.sendall(b"POST /eval HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Accept: application/x-ndjson\r\nX-Request-Id: %s\r\n"
+              b"Content-Length: %d\r\n\r\n%s" % (rid.encode(), len(body), body))
+    return s, rid
+
+
+class StreamTests(ServerTestCase):
+    """Accept: application/x-ndjson: the output as the jail produces it, one JSON line a
+    piece, and the plain answer as the last line."""
+
+    def stream(self, body: dict, conn: http.client.HTTPConnection | None = None,
+               headers: dict | None = None) -> http.client.HTTPResponse:
+        if conn is None:
+            conn = self.server.connection()
+            self.addCleanup(conn.close)
+        conn.request("POST", "/eval", json.dumps(body).encode(), {**NDJSON, **(headers or {})})
+        response = conn.getresponse()
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.getheader("Content-Type"), "application/x-ndjson")
+        return response
+
+    def lines(self, body: dict, **options) -> tuple[dict[str, str], dict]:
+        """Each stream's lines joined, and the last line (the answer)."""
+        lines = [json.loads(line) for line in self.stream(body, **options).read().splitlines()]
+        *chunks, answer = lines
+        joined = {"stdout": "", "stderr": ""}
+        for chunk in chunks:
+            (name, text), = chunk.items()
+            joined[name] += text
+        return joined, answer
+
+    def read_until(self, response: http.client.HTTPResponse, text: str) -> str:
+        """The stdout lines of a stream joined, read until they hold ``text``."""
+        seen = ""
+        while text not in seen:
+            seen += json.loads(response.readline())["stdout"]
+        return seen
+
+    def test_output_arrives_while_the_program_runs(self):
+        code = "import time\nprint('first', flush=True)\ntime.sleep(1)\nprint('second')"
+        conn = self.server.connection()
+        self.addCleanup(conn.close)
+        for args in (["-c", code], [*COLD, "-c", code]):
+            with self.subTest(args=args):
+                response = self.stream({"args": args}, conn)
+                self.assertEqual(response.getheader("Transfer-Encoding"), "chunked")
+                seen = self.read_until(response, "first\n")
+                self.assertNotIn("second", seen)     # written a second later
+                *_, last = response.read().splitlines()
+                answer = json.loads(last)
+                self.assertEqual((answer["stdout"], answer["status"]), ("first\nsecond\n", "ok"))
+        # The connection is kept for the next request.
+        self.assertEqual(self.lines({"input": "print(2)"}, conn=conn)[1]["stdout"], "2\n")
+
+    def test_joined_lines_are_the_final_stdout(self):
+        code = ("import sys, time\nout = sys.stdout.buffer\n"
+                "data = 'é€😀\\0'.encode() * 40 + b'\\xff\\xfe \\xed\\xa0\\x80' + '😀'.encode()[:3]\n"
+                "for i in range(0, len(data), 3):\n    out.write(data[i:i + 3])\n    out.flush()\n"
+                "    time.sleep(0.001)")
+        joined, answer = self.lines({"input": code, "files": [{"path": "f", "content": b64("x")}]})
+        self.assertEqual(joined["stdout"], answer["stdout"])
+        self.assertIn("\0", answer["stdout"])
+        self.assertTrue(answer["stdout"].endswith("\ufffd"))
+        self.assertEqual(answer["returncode"], 0)
+        self.assertEqual(answer["warnings"] if "warnings" in answer else [], [])
+        plain = self.run_code(code)
+        self.assertEqual(plain["stdout"], answer["stdout"])
+
+    def test_stderr_apart_streams_per_stream(self):
+        code = ("import sys\nfor i in range(3):\n print('out', i, flush=True)\n"
+                " print('err', i, file=sys.stderr, flush=True)")
+        joined, answer = self.lines({"input": code, "stderr": True, "typo": 1})
+        self.assertEqual(joined, {"stdout": "out 0\nout 1\nout 2\n", "stderr": "err 0\nerr 1\nerr 2\n"})
+        self.assertEqual((answer["stdout"], answer["stderr"]), (joined["stdout"], joined["stderr"]))
+        self.assertEqual(answer["warnings"], ["typo: no such field; it was ignored"])
+
+    def test_nothing_past_the_output_limit_is_streamed(self):
+        # One huge line, cut in the middle of a character.
+        joined, answer = self.lines({"input": "print('é' * 500_000)", "limits": {"output": 200_001}})
+        self.assertEqual(joined["stdout"], answer["stdout"])
+        self.assertEqual(answer["stdout"], "é" * 100_000 + "\ufffd")
+        self.assertEqual((answer["truncated"], answer["status"]), (True, "output"))
+
+    def test_a_client_that_never_reads_holds_no_more_than_the_output(self):
+        peak = PeakRss(lambda: self.server.proc.pid).start()
+        s, rid = stream_never_read(self.server)
+        with s:
+            # The time limit ends the run, however stuck its stream is.
+            wait_until(lambda: self.server.logged(f"id={rid} status=timeout"), 15,
+                       "the run ended by its time limit")
+            self.assertEqual(self.run_code("print('alive')")["stdout"], "alive\n")
+        self.assertLess(peak.stop() - peak.samples[0], 30)     # MiB
+
+    def test_a_client_hanging_up_cancels_the_run(self):
+        root = self.server.memfs_root()
+        logged = self.server.logged("client went away")
+        conn = self.server.connection()
+        response = self.stream({"input": "import time\nprint('started', flush=True)\ntime.sleep(30)"},
+                               conn)
+        self.read_until(response, "started\n")
+        jails = set(nsjail_pids_using(root))     # the running one, and any warm ones
+        conn.close()
+        wait_until(lambda: jails - set(nsjail_pids_using(root)), 1.5, "the jail stopped")
+        wait_until(lambda: self.server.logged("client went away") > logged, 5,
+                   "'client went away' in the log")
+
+    def test_http_1_0_ends_the_body_with_the_connection(self):
+        body = json.dumps({"input": "print('old')"}).encode()
+        answer = self.server.raw(b"POST /eval HTTP/1.0\r\nContent-Type: application/json\r\n"
+                                 b"Accept: application/x-ndjson\r\nContent-Length: %d\r\n\r\n%s"
+                                 % (len(body), body))
+        head, _, rest = answer.partition(b"\r\n\r\n")
+        self.assertIn(b"Connection: close", head)
+        self.assertNotIn(b"Transfer-Encoding", head)
+        self.assertNotIn(b"Content-Length", head)
+        *chunks, answer = [json.loads(line) for line in rest.splitlines()]
+        self.assertEqual("".join(chunk["stdout"] for chunk in chunks), "old\n")
+        self.assertEqual((answer["stdout"], answer["status"]), ("old\n", "ok"))
+
+    def test_errors_before_the_run_are_plain_json(self):
+        for body in ({"input": 5}, {"input": "1", "executable_path": "/nonexistent"}):
+            with self.subTest(body=body):
+                status, headers, data = self.server.request(
+                    "POST", "/eval", json.dumps(body).encode(), NDJSON)
+                self.assertEqual(status, 400)
+                self.assertEqual(headers["Content-Type"], "application/json")
+                self.assertEqual(set(data), {"title", "description"})
+
+    def test_other_accepts_get_the_plain_answer(self):
+        for accept in (None, "*/*", "application/json", "application/x-ndjson;q=0",
+                       "text/x-ndjson"):
+            with self.subTest(accept=accept):
+                headers = {"Content-Type": "application/json", **({"Accept": accept} if accept else {})}
+                status, got, data = self.server.request(
+                    "POST", "/eval", json.dumps({"input": "print(1)"}).encode(), headers)
+                self.assertEqual((status, got["Content-Type"]), (200, "application/json"))
+                self.assertIn("Content-Length", got)
+                self.assertEqual(data["stdout"], "1\n")
 
 
 class HTTPFramingTests(ServerTestCase):
