@@ -3182,7 +3182,8 @@ def _health_schema() -> dict[str, Any]:
 _ERRORS = {"/eval": (400, 403, 408, 411, 413, 415, 431, 501, 503),
            "/health": (400, 431, 503)}
 _OPERATIONS = {
-    "/eval": ("Run code in a fresh jail", "EvalResult", "application/json"),
+    "/eval": ("Run code in a fresh jail; with Accept: application/x-ndjson, the output "
+              "streams as JSON lines before the answer", "EvalResult", "application/json"),
     "/health": ("Whether the server takes requests (503 while starting or stopping)",
                 "Health", "application/json"),
     "/info": ("The version, interpreters, packages, limits and capacity", "Info",
@@ -3210,6 +3211,10 @@ def openapi_document(routes: dict[str, dict[str, str]], protected: Iterable[str]
             {"type": "object"} if content_type == "application/json" else {"type": "string"}
         responses: dict[str, Any] = {"200": {"description": "OK",
                                              "content": {content_type: {"schema": body}}}}
+        if path == "/eval":
+            responses["200"]["content"]["application/x-ndjson"] = {"schema": {
+                "type": "string", "description": 'One JSON object a line: {"stdout": ...} '
+                '(or {"stderr": ...}) for each piece of output as it comes, then the answer.'}}
         errors = set(_ERRORS.get(path, (400, 431)))
         if path in protected:
             errors.add(401)
@@ -3562,7 +3567,8 @@ class AnswerStream:
 
 
 class SnekboxHandler(BaseHTTPRequestHandler):
-    """Answers ``POST /eval`` and ``GET /health``; every answer is JSON."""
+    """Answers the paths of ROUTES: JSON, but for /metrics (Prometheus text) and a
+    streamed /eval (JSON lines)."""
 
     protocol_version = "HTTP/1.1"
     server_version = "snekbox"
