@@ -1292,9 +1292,21 @@ class HTTPTests(ServerTestCase):
             with self.subTest(raw=raw[:20]):
                 answer = self.server.raw(raw)
                 head, _, body = answer.partition(b"\r\n\r\n")
-                self.assertRegex(head, rb"^HTTP/1\.[01] (400|414|431|501) ")
+                self.assertRegex(head, rb"^HTTP/1\.[01] (400|405|414|431) ")
                 self.assertIn("title", json.loads(body))
         self.assertEqual(self.run_code("print(1)")["stdout"], "1\n")
+
+    def test_any_method_gets_the_route_tables_answer(self):
+        """A method the route table doesn't list, however new, is a 405 naming the ones
+        it does (never http.server's 501); a method that isn't a token is a 400."""
+        for method in ("BREW", "QUERY", "TRACE", "CONNECT", "get"):
+            with self.subTest(method=method):
+                answer = self.server.raw(method.encode() + b" /health HTTP/1.1\r\nHost: x\r\n"
+                                         b"Connection: close\r\n\r\n")
+                self.assertTrue(answer.startswith(b"HTTP/1.1 405 "), answer[:60])
+                self.assertIn(b"Allow: GET, HEAD\r\n", answer)
+        answer = self.server.raw(b"G(T /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer[:60])
 
 
 class AnswerTests(ServerTestCase):
