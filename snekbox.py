@@ -124,7 +124,8 @@ from typing import Any, NamedTuple
 
 __all__ = [
     "Sandbox", "EvalResult", "File", "Limits", "Usage", "JailConfig", "InvalidRequest",
-    "SandboxUnavailable", "parse_eval_request", "EvalRequest", "main",
+    "SandboxUnavailable", "parse_eval_request", "EvalRequest", "main", "OutputTap",
+    "OutputRelay",
 ]
 
 log = logging.getLogger("snekbox")
