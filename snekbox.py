@@ -135,6 +135,7 @@ __version__ = "1.0.0"     # the one place it is set: --version, /health, /info, 
 __all__ = [
     "__version__", "Sandbox", "EvalResult", "File", "Limits", "Usage", "JailConfig",
     "InvalidRequest", "SandboxUnavailable", "parse_eval_request", "EvalRequest", "main",
+    "OutputTap", "OutputRelay",
 ]
 
 log = logging.getLogger("snekbox")
