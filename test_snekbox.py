@@ -3049,6 +3049,8 @@ class LogFormatTests(unittest.TestCase):
         server = Server(*default_flags(prewarm=0), "--log-format", "json")
         self.addCleanup(server.stop)
         server.eval(input="print(1)")
+        # A request is logged once the jail is gone, after its answer: wait for it.
+        wait_until(lambda: server.logged('"status": 200'), 5, "the 200's log line")
         server.post({"input": 1})
         wait_until(lambda: server.logged('"status": 400'), 5, "the 400's log line")
         entries = [json.loads(line) for line in list(server.log)]    # each line is JSON
