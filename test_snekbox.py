@@ -2091,7 +2091,8 @@ MiB = 1024 * 1024
 
 
 def process_uids(marker: str) -> list[int]:
-    """Host uids of the processes whose command line holds ``marker``."""
+    """Host uids of the interpreters whose command line holds ``marker`` (not nsjail,
+    nor the root shell that puts it in its cgroup, which hold the marker too)."""
     uids = []
     for name in os.listdir("/proc"):
         try:
@@ -2100,7 +2101,7 @@ def process_uids(marker: str) -> list[int]:
                     continue
             with open(f"/proc/{name}/status") as f:
                 status = dict(line.split(":", 1) for line in f)
-            if status["Name"].strip() != "nsjail":
+            if status["Name"].strip().startswith("python"):
                 uids.append(int(status["Uid"].split()[0]))
         except (OSError, ValueError):
             pass
