@@ -2345,6 +2345,7 @@ def check_executable(config: JailConfig, path: str) -> str:
     return path
 
 
+MAX_LIMIT = 2 ** 53      # the largest limit a request may name, whatever the caps
 LIMIT_NAMES = {"time": "seconds", "memory": "bytes", "processes": "processes",
                "output": "bytes"}
 
@@ -2361,6 +2362,8 @@ def check_limits(asked: dict[str, float] | None, caps: Limits) -> Limits:
                 or not value > 0 or value == math.inf:
             raise InvalidRequest(400, f"limits.{name} must be a positive "
                                       f"{'whole number' if whole else 'number'}")
+        if value > MAX_LIMIT:       # a cgroup can't take it, and :g can't print it
+            raise InvalidRequest(400, f"limits.{name} is over {MAX_LIMIT}")
         cap = getattr(caps, name)
         if cap and value > cap:
             raise InvalidRequest(400, f"limits.{name}: {value:g} is over the server's "
@@ -3135,7 +3138,7 @@ def _eval_request_schema(files_limit: int, caps: Limits) -> dict[str, Any]:
         "additionalProperties": True})
     properties["limits"].update(additionalProperties=False, properties={
         name: {"type": "number" if name == "time" else "integer", "exclusiveMinimum": 0,
-               "description": unit, **({"maximum": cap} if (cap := getattr(caps, name)) else {})}
+               "description": unit, "maximum": getattr(caps, name) or MAX_LIMIT}
         for name, unit in LIMIT_NAMES.items()})
     return {"type": "object", "properties": properties,
             "anyOf": [{"required": ["input"]}, {"required": ["args"]}]}
@@ -3377,12 +3380,19 @@ ANSWER_PIECE = 48 * 1024        # bytes of a file encoded at a time (64 KiB of b
 MIN_ANSWER_RATE = 1 * MiB       # bytes/s a client must take an answer at, past client_timeout
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# What a client's text may not bring into a log line as it is: controls and line
+# separators (U+2028 and the like end a line for some readers), and the quote and
+# backslash that would end or fake a quoted field.
+_UNSAFE_IN_LOG = re.compile(r'[^\x20-\x7e\xa0-\u2027\u202a-\ud7ff\ue000-\ufffd]|["\\]')
 
 
 def _printable(text: str) -> str:
-    """``text`` from a client with its control characters escaped, for a log line."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}", text)
+    """``text`` from a client with what could forge a log line escaped."""
+    def escape(match: re.Match[str]) -> str:
+        code = ord(match[0])
+        return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 \
+            else f"\\U{code:08x}"
+    return _UNSAFE_IN_LOG.sub(escape, text)
 
 
 def _has_body(headers: Message) -> bool:
@@ -3652,7 +3662,8 @@ class SnekboxHandler(BaseHTTPRequestHandler):
             self._abort()
             log.info("%s: connection lost: %s", self.client_address[0], e)
         except Exception:
-            log.exception("bug while answering %s %s", self.command, self.path)
+            log.exception("bug while answering %s %s", _printable(self.command),
+                          _printable(self.path[:200]))
             self._send_error(500, "Internal Server Error",
                              "an internal error; the server's log has details")
         finally:
@@ -4355,7 +4366,7 @@ class JsonLogFormatter(logging.Formatter):
                  "message": record.getMessage(), **getattr(record, "fields", {})}
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False, default=str)
+        return json.dumps(entry, default=str)   # ASCII: no raw U+2028 in a line
 
 
 def set_up_logging(settings: Settings) -> None:

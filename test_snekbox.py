@@ -869,6 +869,16 @@ class CheckLimitsTests(unittest.TestCase):
         with self.assertRaisesRegex(snekbox.InvalidRequest, "limit of 15 processes"):
             snekbox.check_limits({"processes": 16}, self.CAPS)
 
+    def test_numbers_too_large_for_a_float_are_refused_not_a_crash(self):
+        """A 400-digit number in a request was a 500 (formatting it overflowed) and,
+        with no cap for its limit, reached the cgroup write (a 503)."""
+        uncapped = self.CAPS._replace(memory=0, processes=0)
+        for name in snekbox.LIMIT_NAMES:
+            for caps in (self.CAPS, uncapped):
+                with self.subTest(name=name, caps=caps), \
+                        self.assertRaisesRegex(snekbox.InvalidRequest, f"limits.{name}"):
+                    snekbox.check_limits({name: 10 ** 400}, caps)
+
 def headers(*lines: bytes) -> http.client.HTTPMessage:
     """Request headers as http.server parses them."""
     return http.client.parse_headers(io.BytesIO(b"".join(l + b"\r\n" for l in lines) + b"\r\n"))
@@ -2861,6 +2871,16 @@ class OperationsTests(ServerTestCase):
         self.assertFalse(self.server.logged('"GET /health"') or self.server.logged('"GET /metrics"'))
         self.assertTrue(self.server.logged('reason="no such endpoint: /nothing'))
 
+    def test_client_text_cannot_forge_log_lines(self):
+        """What a client sends reaches the log escaped: no line separator (U+2028 is
+        one to splitlines), no quote that would end the request or reason field."""
+        self.server.post({"input": "1", "limits": {"x\u2028forged 1": 1}})
+        self.get('/forged"2')
+        wait_until(lambda: self.server.logged("forged") >= 2, 5, "both requests' log lines")
+        text = "".join(self.server.log)
+        self.assertEqual(len(text.splitlines()), len(self.server.log))
+        self.assertIn('"GET /forged\\x222" 404', text)
+
     def test_openapi_document_describes_what_the_server_answers(self):
         status, _, text = self.get("/openapi.json")
         self.assertEqual(status, 200)
@@ -2899,6 +2919,8 @@ class OperationsTests(ServerTestCase):
                   {"input": "", "limits": []}, {"input": "", "limits": {"time": 1}},
                   {"input": "", "limits": {"time": 0}}, {"input": "", "limits": {"time": 99}},
                   {"input": "", "limits": {"memory": 1.5}}, {"input": "", "limits": {"wall": 1}},
+                  {"input": "", "limits": {"memory": 10 ** 400}},
+                  {"input": "", "limits": {"processes": 2 ** 53 + 1}},
                   {"input": "", "stderr": True}, {"input": "", "stderr": "yes"},
                   {"input": "", "other": 1}]
         for body in bodies:
