@@ -91,6 +91,7 @@ import binascii
 import bisect
 import codecs
 import collections
+import contextlib
 import ctypes
 import errno
 import gc
@@ -532,59 +533,71 @@ _PYTHON_NAME = re.compile(r"python(?:[0-9]+(?:\.[0-9]+)?)?")
 MAX_INTERPRETER_SEARCH = 20_000     # folder entries looked at for interpreters, at most
 
 
-def python_version(python: str) -> tuple[int, ...] | None:
-    """The version of the interpreter at host path ``python``, None if it won't say.
+VERSION_ARGS = ("-I", "-S", "-c", "import sys; print(*sys.version_info[:3])")
 
-    It runs as the jail's user, never as root: a config may mount a folder whose files
-    root shouldn't run."""
+
+def parse_version(text: str) -> tuple[int, ...] | None:
+    """(X, Y, Z) from what VERSION_ARGS print; None for anything else."""
+    parts = text.split()
+    return tuple(map(int, parts)) if len(parts) == 3 and all(map(str.isdigit, parts)) \
+        else None
+
+
+def python_version(python: str) -> tuple[int, ...] | None:
+    """The version of the config's interpreter at host path ``python`` (the one every
+    jail runs), None if it won't say. It runs as the jail's user, never as root, and
+    whatever it leaves in its session is killed."""
     try:
-        out = subprocess.run([python, "-I", "-S", "-c",
-                              "import sys; print(*sys.version_info[:3])"],
-                             capture_output=True, text=True, timeout=10, env={}, cwd="/",
-                             user=JAIL_UID, group=JAIL_UID, extra_groups=[],
-                             start_new_session=True)
-        return tuple(int(part) for part in out.stdout.split()) or None
-    except (OSError, ValueError, subprocess.TimeoutExpired):
+        proc = subprocess.Popen([python, *VERSION_ARGS], stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                                text=True, env={}, cwd="/", user=JAIL_UID, group=JAIL_UID,
+                                extra_groups=[], start_new_session=True)
+    except OSError:
         return None
+    try:
+        out, _ = proc.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        out = ""
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return parse_version(out)
 
 
 def _interpreters_in(mount: Mount, budget: list[int]) -> Iterable[str]:
     """The jail paths of the interpreters that ``mount`` brings: the mounted file if it
     is one, else the python* files of ``bin`` folders within three levels of it."""
-    if os.path.isfile(mount.src):
-        if _PYTHON_NAME.fullmatch(posixpath.basename(mount.dst)):
-            yield mount.dst
+    src, dst = posixpath.normpath(mount.src), posixpath.normpath(mount.dst)
+    if os.path.isfile(src):
+        if _PYTHON_NAME.fullmatch(posixpath.basename(dst)):
+            yield dst
         return
-    for folder, subfolders, files in os.walk(mount.src):
-        depth = folder[len(mount.src):].count("/")
+    for folder, subfolders, files in os.walk(src):
+        depth = folder[len(src):].count("/")
         budget[0] -= len(subfolders) + len(files)
         if depth >= 3 or budget[0] < 0:
             subfolders.clear()
         if posixpath.basename(folder) == "bin":
-            jail_folder = mount.dst + folder[len(mount.src):]
+            jail_folder = posixpath.join(dst, folder[len(src):].lstrip("/"))
             yield from (posixpath.join(jail_folder, name) for name in sorted(files)
                         if _PYTHON_NAME.fullmatch(name))
 
 
-def find_interpreters(config: JailConfig) -> list[tuple[str, tuple[int, ...]]]:
-    """The interpreters an ``executable_path`` may name (the config's own first), each
-    with its version: executable python* files that the config's bind mounts bring."""
+def find_interpreters(config: JailConfig) -> list[tuple[str, str]]:
+    """The interpreters an ``executable_path`` may name (the config's own first): the
+    executable python* files that the config's bind mounts bring, each as its jail path
+    and the real host file behind it."""
     found = {config.exec_path: None}
     budget = [MAX_INTERPRETER_SEARCH]
     for mount in config.mounts:
         if mount.is_bind and os.path.exists(mount.src):
             found.update(dict.fromkeys(_interpreters_in(mount, budget)))
-    versions: dict[str, tuple[int, ...] | None] = {}    # one run per real file
-    interpreters: list[tuple[str, tuple[int, ...]]] = []
+    interpreters = []
     for path in found:
         host = config.host_path(path)
-        if host is None or not os.path.isfile(host) or not os.stat(host).st_mode & 0o001:
-            continue
-        real = os.path.realpath(host)
-        if real not in versions:
-            versions[real] = python_version(real)
-        if version := versions[real]:
-            interpreters.append((path, version))
+        if host is not None and os.path.isfile(host) and os.stat(host).st_mode & 0o001:
+            interpreters.append((path, os.path.realpath(host)))
     return interpreters
 
 
@@ -3091,6 +3104,26 @@ class BearerTokens:
         return sum(self._same(digest, known) for known in self._digests) > 0
 
 
+def jailed_interpreters(sandbox: Sandbox) -> list[dict[str, Any]]:
+    """The interpreters of ``sandbox``'s config that run in its jail, each with the
+    version it gives there: asked in a jail, never on the host (a config may mount a
+    folder whose files nobody should run outside one), once per real file."""
+    versions: dict[str, tuple[int, ...] | None] = {}
+    found = []
+    for path, real in find_interpreters(sandbox.config):
+        if real not in versions:
+            try:
+                result = sandbox.run(list(VERSION_ARGS), executable_path=path)
+                versions[real] = parse_version(result.stdout) if result.returncode == 0 \
+                    else None
+            except (InvalidRequest, SandboxUnavailable):
+                versions[real] = None
+        if version := versions[real]:
+            found.append({"path": path, "version": ".".join(map(str, version)),
+                          "default": path == sandbox.config.exec_path})
+    return found
+
+
 def service_info(settings: Settings, sandbox: Sandbox) -> dict[str, Any]:
     """What ``GET /info`` tells a client: the version, the interpreters (the config's
     default first) and packages in the jail, the limits and the capacity. Found once,
@@ -3098,9 +3131,7 @@ def service_info(settings: Settings, sandbox: Sandbox) -> dict[str, Any]:
     caps, config = sandbox.caps, sandbox.config
     return {
         "version": __version__,
-        "interpreters": [{"path": path, "version": ".".join(map(str, version)),
-                          "default": path == config.exec_path}
-                         for path, version in find_interpreters(config)],
+        "interpreters": jailed_interpreters(sandbox),
         "limits": {"time": caps.time, "memory": caps.memory, "processes": caps.processes,
                    "output": caps.output, "cpu_ms_per_sec": config.cpu_ms_per_sec,
                    "memfs": settings.memfs_size, "files": settings.files_limit,

@@ -72,6 +72,9 @@ def b64(data: bytes | str) -> str:
 HOST_PYTHON = os.path.realpath("/usr/bin/python3")
 
 
+JAIL_PYTHON_HOST = snekbox.JailConfig.from_file(CONFIG).host_path(JAIL_PYTHON) or JAIL_PYTHON
+
+
 def host_python_version() -> tuple[int, int, int]:
     out = subprocess.run([HOST_PYTHON, "-c", "import sys; print(*sys.version_info[:3])"],
                          capture_output=True, text=True, check=True)
@@ -3102,9 +3105,32 @@ class InterpreterDiscoveryTests(unittest.TestCase):
                     'exec_bin { path: "/usr/bin/python3" }')
         self.addCleanup(os.unlink, f.name)
         found = snekbox.find_interpreters(snekbox.JailConfig.from_file(f.name))
-        version = host_python_version()
-        self.assertEqual(found, [("/usr/bin/python3", version), ("/opt/py/3.98/bin/python3", version),
-                                 ("/opt/py/3.99/bin/python3", version)])
+        self.assertEqual(found, [("/usr/bin/python3", HOST_PYTHON), ("/opt/py/3.98/bin/python3", HOST_PYTHON),
+                                 ("/opt/py/3.99/bin/python3", HOST_PYTHON)])
+
+    def test_versions_are_asked_in_the_jail(self):
+        """/info asks each interpreter its version in a jail: one that only works
+        outside (a shell script; the jail has no shell) is not listed."""
+        folder = tempfile.mkdtemp(prefix="snekbox-pythons-")
+        self.addCleanup(shutil.rmtree, folder)
+        os.chmod(folder, 0o755)
+        for name in ("3.98", "3.99"):
+            os.makedirs(os.path.join(folder, name, "bin"))
+            os.chmod(os.path.join(folder, name), 0o755)
+            os.chmod(os.path.join(folder, name, "bin"), 0o755)
+        os.symlink(os.path.realpath(JAIL_PYTHON_HOST), os.path.join(folder, "3.98", "bin", "python3"))
+        fake = os.path.join(folder, "3.99", "bin", "python3")
+        with open(fake, "w") as f:
+            f.write('#!/bin/sh\necho 3 99 0\n')
+        os.chmod(fake, 0o755)
+        self.assertEqual(snekbox.python_version(fake), (3, 99, 0))     # it runs outside
+        config = os.path.join(folder, "snekbox.cfg")
+        with open(SHORT_CONFIG) as f, open(config, "w") as out:
+            out.write(f.read() + f'mount {{ src: "{folder}" dst: "/opt/py" is_bind: true }}\n')
+        with snekbox.Sandbox(config) as sandbox:
+            found = {i["path"]: i["version"] for i in snekbox.jailed_interpreters(sandbox)}
+        self.assertEqual(found["/opt/py/3.98/bin/python3"], found[JAIL_PYTHON])
+        self.assertNotIn("/opt/py/3.99/bin/python3", found)
 
     def test_interpreters_are_asked_as_the_jails_user_not_root(self):
         folder = tempfile.mkdtemp(prefix="snekbox-pythons-")
