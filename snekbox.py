@@ -3740,21 +3740,36 @@ class SnekboxHandler(BaseHTTPRequestHandler):
             pass    # the rest of an answer that its client stopped reading
 
     def _route(self) -> None:
+        handler = self._handler()
+        if handler is None:
+            self._send_answer(200, 0, (), {"Allow": ", ".join(self._methods())})
+        else:
+            getattr(self, handler)()
+
+    def _methods(self) -> dict[str, str]:
+        """The route table's handlers of the request's path, by method; InvalidRequest
+        (400, 404) for a method that is not a token or a path that isn't there."""
         if not _METHOD.fullmatch(self.command):
             raise InvalidRequest.http(400, "the request's method is not a valid token")
         path = self.path.split("?", 1)[0]
         methods = self.ROUTES.get(path)
         if methods is None:
             raise InvalidRequest.http(404, f"no such endpoint: {path[:100]}; try POST /eval")
-        allowed = {"Allow": ", ".join(methods)}
+        return methods
+
+    def _handler(self) -> str | None:
+        """The name of the method that answers the request (None: OPTIONS, answered with
+        Allow); InvalidRequest (400, 401, 404, 405) when there is none it may use."""
+        methods = self._methods()
         if self.command == "OPTIONS":
-            self._send_answer(200, 0, (), allowed)
-            return
+            return None
         handler = methods.get(self.command)
+        path = self.path.split("?", 1)[0]
         if handler is None:
-            raise InvalidRequest.http(405, f"{path} takes {' or '.join(methods)}", allowed)
+            raise InvalidRequest.http(405, f"{path} takes {' or '.join(methods)}",
+                                      {"Allow": ", ".join(methods)})
         self._authorize(path)
-        getattr(self, handler)()
+        return handler
 
     def _authorize(self, path: str) -> None:
         """InvalidRequest (401) unless the request may use ``path``: the path needs no
@@ -4010,17 +4025,19 @@ class SnekboxHandler(BaseHTTPRequestHandler):
         return not self._body_read and (_has_body(self.headers) or status in CLOSING_ERRORS)
 
     def handle_expect_100(self) -> bool:
-        """Refuse a body that is unusable or too large before the client sends it; else
+        """Refuse a body before the client sends it when the request can't be answered
+        (no such path or method, no token) or the body is unusable or too large; else
         100 Continue."""
         limit = self.server.settings.max_request_size
         try:
+            self._handler()
             if not is_chunked(self.headers):
                 length = content_length(self.headers)
                 if length is not None and length > limit:
                     raise InvalidRequest.http(413, f"the body is {length} bytes; the limit "
                                                    f"is {limit} bytes")
         except InvalidRequest as e:
-            self.send_error(e.status, str(e))
+            self.send_error(e.status, str(e), headers=e.headers)
             return False
         super().handle_expect_100()
         self.wfile.flush()      # wfile is buffered: the client waits for this line
@@ -4038,9 +4055,10 @@ class SnekboxHandler(BaseHTTPRequestHandler):
             return False
         return ok
 
-    def send_error(self, code: int, message: str | None = None,
-                   explain: str | None = None) -> None:
-        """http.server's own errors (malformed request, header too long) as JSON."""
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None,
+                   headers: dict[str, str] | None = None) -> None:
+        """http.server's own errors (malformed request, header too long), and refusals
+        before the body, as JSON."""
         if self.request_version == "HTTP/0.9":
             self.request_version = "HTTP/1.0"   # a status line and headers all the same
         self.close_connection = True
@@ -4048,7 +4066,7 @@ class SnekboxHandler(BaseHTTPRequestHandler):
         description = f"{message}: {explain}" if message and explain else message or explain
         self._note = description or ""
         self._send_error(code, HTTPStatus(code).phrase,
-                         description or HTTPStatus(code).description)
+                         description or HTTPStatus(code).description, headers)
         self._log_access(getattr(self, "requestline", ""), time.monotonic())
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:

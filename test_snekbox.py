@@ -3021,6 +3021,16 @@ class TokenTests(unittest.TestCase):
         self.assertTrue(answer.startswith(b"HTTP/1.1 401 "), answer[:100])
         self.assertIn(b"Connection: close", answer)
 
+    def test_a_stranger_is_not_invited_to_send_a_body(self):
+        """Expect: 100-continue gets the 401 at once, not a 100 that asks for the body."""
+        answer = self.server.raw(b"POST /eval HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                                 b"Content-Length: 10\r\nExpect: 100-continue\r\n\r\n", timeout=2)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 401 "), answer[:100])
+        self.assertIn(b"WWW-Authenticate: Bearer", answer)
+        answer = self.server.raw(b"POST /nothing HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n"
+                                 b"Expect: 100-continue\r\n\r\n", timeout=2)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 404 "), answer[:100])
+
     def test_sighup_reads_the_file_again_and_a_bad_file_changes_nothing(self):
         new = "second-token-" + "c" * 20
         # Cleanups run last first: the old file back, then SIGHUP.
