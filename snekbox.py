@@ -3034,7 +3034,7 @@ class Metrics:
         for name, text, samples in histograms:
             lines += [f"# HELP {name} {text}", f"# TYPE {name} histogram", *samples]
         for name, (text, value) in gauges.items():
-            lines += [f"# HELP {name} {text}", f"# TYPE {name} gauge", f"{name} {value:g}"]
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} gauge", f"{name} {value}"]
         return "\n".join(lines) + "\n"
 
 
@@ -3059,13 +3059,19 @@ class BearerTokens:
         """The digests of the file's tokens; SetupError naming the first bad line."""
         try:
             with open(self.path, encoding="utf-8") as f:
-                lines = f.read(1 * MiB).splitlines()
-                shared = os.fstat(f.fileno()).st_mode & 0o007
+                text = f.read(MiB + 1)
+                mode = os.fstat(f.fileno()).st_mode
         except (OSError, UnicodeDecodeError) as e:
             raise SetupError(f"cannot read the token file {self.path}: "
                              f"{getattr(e, 'strerror', None) or e}") from None
+        if len(text) > MiB:
+            raise SetupError(f"the token file {self.path} is over 1 MiB")
+        if mode & 0o022:
+            raise SetupError(f"others may write the token file {self.path} (and so add a "
+                             "token): chmod go-w it")
+        shared = mode & 0o044
         digests = []
-        for number, line in enumerate(lines, 1):
+        for number, line in enumerate(text.splitlines(), 1):
             token = line.strip()
             if not token or token.startswith("#"):
                 continue
@@ -3077,8 +3083,7 @@ class BearerTokens:
         if not digests:
             raise SetupError(f"the token file {self.path} holds no token")
         if shared:
-            log.warning("every user of this host can read the token file %s: chmod o= it",
-                        self.path)
+            log.warning("others may read the token file %s: chmod go= it", self.path)
         return tuple(digests)
 
     def __len__(self) -> int:
@@ -4442,6 +4447,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Start the server, or run one evaluation (``run``, ``eval``); return the exit
     status (the server's: 0 after SIGTERM or SIGINT)."""
     settings, job = parse_command_line(argv)
+    # Until the tokens are read, a SIGHUP (a reload during start-up) must not end us.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if job is not None and settings.log_level == "INFO":
         settings.log_level = "WARNING"      # the log shares stderr with the program's
     set_up_logging(settings)

@@ -3057,7 +3057,12 @@ class TokenTests(unittest.TestCase):
         empty = os.path.join(self.folder, "empty")
         with open(empty, "w") as f:
             f.write("# nothing yet\n")
+        writable = os.path.join(self.folder, "writable")
+        with open(writable, "w") as f:
+            f.write(self.TOKEN + "\n")
+        os.chmod(writable, 0o662)
         for flags, code, said in ((["--token-file", empty], 1, "holds no token"),
+                                  (["--token-file", writable], 1, "others may write"),
                                   (["--token-file", "/nonexistent/tokens"], 1, "cannot read"),
                                   (["--protect-metrics"], 2, "needs --token-file")):
             with self.subTest(flags=flags):
