@@ -1826,8 +1826,14 @@ class OutputRelay:
         try:
             self._consume(self.tap.pieces())
         except OSError as e:
-            self.error = e
-            self._failed(e)
+            self._fail(e)
+        except Exception as e:      # a bug: logged, and ended as for a lost reader
+            log.exception("passing the output on failed")
+            self._fail(OSError(f"passing the output on failed: {e!r}"))
+
+    def _fail(self, error: OSError) -> None:
+        self.error = error
+        self._failed(error)
 
     def finish(self) -> bool:
         """Wait until the rest of the output has gone out; whether all of it did."""
@@ -1836,9 +1842,10 @@ class OutputRelay:
         return self.error is None
 
     def abandon(self) -> None:
-        """Stop at once, passing nothing more on."""
+        """Stop at once, passing nothing more on (a write already blocked on a reader
+        that takes nothing is left to the daemon thread)."""
         self.tap.discard()
-        self._thread.join()
+        self._thread.join(KILL_GRACE)
 
 
 class Exchange:
@@ -2492,10 +2499,7 @@ class Sandbox:
                     client, check_limits(limits, self.caps), split_stderr, tap)
         index = code_argument_index(args)
         if index is not None and "\0" in args[index]:
-            # What Python says of such -c code; clients of python-discord/snekbox show it.
-            return _answered(answer, EvalResult(
-                "ValueError: embedded null byte", None, status="failed",
-                error="the code contains a NUL character", duration=time.monotonic() - started))
+            return _answered(answer, _null_code_result(tap, started))
 
         def finish(ran: Ran) -> EvalResult:
             return _answered(answer, build_result(ran, started))
@@ -2553,6 +2557,17 @@ class Sandbox:
         cpu, memory = cell.cgroup.usage()
         return Ran(outcome, report, files, files_error, cpu, memory,
                    cell.cgroup.oom_kills(), warm)
+
+
+def _null_code_result(tap: OutputTap | None, started: float) -> EvalResult:
+    """The result of -c code with a NUL: what Python says of it, which clients of
+    python-discord/snekbox show, given to ``tap`` as the program's output."""
+    said = "ValueError: embedded null byte"
+    if tap is not None:
+        tap.attach({"stdout": bytearray(said.encode())})
+        tap.grew(live=True)
+    return EvalResult(said, None, status="failed", error="the code contains a NUL character",
+                      duration=time.monotonic() - started)
 
 
 def _answered(answer: Callable[[EvalResult], None] | None, result: EvalResult) -> EvalResult:

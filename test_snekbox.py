@@ -2438,6 +2438,11 @@ class StreamTests(ServerTestCase):
             seen += json.loads(response.readline())["stdout"]
         return seen
 
+    def test_code_with_a_nul_streams_what_the_answer_says(self):
+        joined, answer = self.lines({"input": "print(1)\0"})
+        self.assertEqual(answer["status"], "failed")
+        self.assertEqual(joined["stdout"], answer["stdout"])
+
     def test_output_arrives_while_the_program_runs(self):
         code = "import time\nprint('first', flush=True)\ntime.sleep(1)\nprint('second')"
         conn = self.server.connection()
