@@ -3000,21 +3000,25 @@ class Metrics:
         self.queue_seconds = Histogram()
 
     def count_request(self, path: str, status: int, received: int, sent: int) -> None:
+        """One request answered: its path, status and body bytes in and out."""
         with self._lock:
             self.requests[path if path in self.paths else "other", status] += 1
             self.bytes_in += received
             self.bytes_out += sent
 
     def count_evaluation(self, result: EvalResult) -> None:
+        """One evaluation: how it ended, warm or cold, and how long it took."""
         with self._lock:
             self.evaluations[result.status, "warm" if result.warm else "cold"] += 1
             self.evaluation_seconds.observe(result.duration)
 
     def count_wait(self, seconds: float) -> None:
+        """A request got a worker after waiting ``seconds``."""
         with self._lock:
             self.queue_seconds.observe(seconds)
 
     def count_rejection(self, cause: str) -> None:
+        """A 503 for ``cause`` (one of REJECTION_CAUSES)."""
         with self._lock:
             self.rejections[cause] += 1
 
@@ -3102,6 +3106,7 @@ class BearerTokens:
         return tuple(digests)
 
     def __len__(self) -> int:
+        """How many tokens are in force."""
         return len(self._digests)
 
     def reload(self) -> None:
@@ -3226,6 +3231,7 @@ def _info_schema() -> dict[str, Any]:
 
 
 def _health_schema() -> dict[str, Any]:
+    """The JSON Schema of ``GET /health``."""
     count = {"type": "integer", "minimum": 0}
     return _object({"status": {"enum": ["ok", "starting", "stopping"]},
                     "ready": {"type": "boolean"}, "version": {"type": "string"},
@@ -3797,6 +3803,8 @@ class SnekboxHandler(BaseHTTPRequestHandler):
         tokens = self.server.tokens
         if tokens is None or path not in self.server.protected:
             return
+        if len(self.headers.get_all("Authorization") or ()) > 1:
+            raise InvalidRequest.http(400, "send one Authorization header, not several")
         sent = self.headers.get("Authorization")
         if tokens.allow(sent):
             return

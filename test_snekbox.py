@@ -3009,6 +3009,10 @@ class TokenTests(unittest.TestCase):
         status, _, data = self.server.request("POST", "/eval", b'{"input": "print(1)"}', {
             "Content-Type": "application/json", "Authorization": f"Basic {self.TOKEN}"})
         self.assertEqual(status, 401)
+        answer = self.server.raw(b"GET /info HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                                 b"Authorization: Bearer %s\r\nAuthorization: Bearer x\r\n\r\n"
+                                 % self.TOKEN.encode())
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer[:80])
 
     def test_probes_stay_open(self):
         for path in ("/health", "/metrics", "/openapi.json"):
