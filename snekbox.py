@@ -576,6 +576,7 @@ def _interpreters_in(mount: Mount, budget: list[int]) -> Iterable[str]:
     for folder, subfolders, files in os.walk(src):
         depth = folder[len(src):].count("/")
         budget[0] -= len(subfolders) + len(files)
+        subfolders.sort()   # the same order on every file system
         if depth >= 3 or budget[0] < 0:
             subfolders.clear()
         if posixpath.basename(folder) == "bin":
