@@ -3730,10 +3730,14 @@ class SnekboxHandler(BaseHTTPRequestHandler):
             self.server.bodies.give_back(self._body_held)
             self._log_access(f"{self.command} {self.path}", started)
 
+    def _path(self) -> str:
+        """The request's path without its query ("" before its line is read)."""
+        return getattr(self, "path", "").split("?", 1)[0]
+
     def _log_access(self, request: str, started: float) -> None:
         """Count the request in the metrics and log it: its client, request line,
         status, answer size, time, id and, for an error, why."""
-        path = getattr(self, "path", "").split("?", 1)[0]
+        path = self._path()
         self.server.metrics.count_request(path, self._status, self._received, self._size)
         level = logging.DEBUG if path in self.QUIET else logging.INFO
         if not log.isEnabledFor(level):
@@ -3778,7 +3782,7 @@ class SnekboxHandler(BaseHTTPRequestHandler):
         (400, 404) for a method that is not a token or a path that isn't there."""
         if not _METHOD.fullmatch(self.command):
             raise InvalidRequest.http(400, "the request's method is not a valid token")
-        path = self.path.split("?", 1)[0]
+        path = self._path()
         methods = self.ROUTES.get(path)
         if methods is None:
             raise InvalidRequest.http(404, f"no such endpoint: {path[:100]}; try POST /eval")
@@ -3791,7 +3795,7 @@ class SnekboxHandler(BaseHTTPRequestHandler):
         if self.command == "OPTIONS":
             return None
         handler = methods.get(self.command)
-        path = self.path.split("?", 1)[0]
+        path = self._path()
         if handler is None:
             raise InvalidRequest.http(405, f"{path} takes {' or '.join(methods)}",
                                       {"Allow": ", ".join(methods)})
